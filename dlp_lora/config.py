@@ -1,0 +1,238 @@
+"""Dataclass configs shared by every stage, the project's error type, and atomic file writing.
+
+Every config has a default and a one-line doc per field, is validated in ``__post_init__`` and is saved as
+JSON next to the artifact it produced (``save_config``), so a stage can be inspected or re-run alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class DLPError(Exception):
+    """A user-facing error: the CLI prints ``error: <message>`` as one line and exits 1, no traceback."""
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise :class:`DLPError` with ``msg`` unless ``cond`` holds."""
+    if not cond:
+        raise DLPError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes: an artifact is either complete or absent (never half written).
+# ----------------------------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
+
+    An interrupted stage (exception, Ctrl-C) leaves only a hidden ``.<name>.tmp-*`` folder that is removed
+    here, so ``final`` either holds a complete artifact or does not exist.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise DLPError(f"{final}: already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def config_to_dict(cfg: Any) -> dict:
+    """A dataclass config as a plain JSON-able dict."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, data: dict, source: str = "config") -> Any:
+    """Build ``cls`` from ``data``, rejecting unknown keys with a one-line error naming ``source``."""
+    if not isinstance(data, dict):
+        raise DLPError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DLPError(f"{source}: unknown field {unknown[0]!r} for {cls.__name__}")
+    try:
+        return cls(**data)
+    except DLPError as e:
+        raise DLPError(f"{source}: {e}") from None
+    except TypeError as e:
+        raise DLPError(f"{source}: {e}") from None
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Save a dataclass config as JSON next to an artifact (atomically)."""
+    atomic_write_json(path, config_to_dict(cfg))
+
+
+def load_config(cls: type, path: str | os.PathLike) -> Any:
+    """Load and validate a config saved by :func:`save_config`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DLPError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DLPError(f"{path}: cannot read config ({e.__class__.__name__}: {e})") from None
+    return config_from_dict(cls, data, str(path))
+
+
+def _positive(name: str, value: float) -> None:
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+          f"{name} must be > 0, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage configs
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoRATrainConfig:
+    """How one task LoRA is trained (``dlp-lora train-lora``); saved as ``train_config.json``."""
+
+    rank: int = 8                           # LoRA rank r (paper: 8)
+    alpha: float = 16.0                     # LoRA alpha; scale s = alpha / r
+    dropout: float = 0.05                   # dropout on the LoRA input during training
+    target_modules: str = "q_proj,v_proj"   # comma list of module names, or "all-linear" (paper: q_proj,v_proj)
+    use_rslora: bool = False                # rank-stabilised scale alpha / sqrt(r) instead of alpha / r
+    learning_rate: float = 2e-4             # AdamW learning rate
+    epochs: float = 1.0                     # passes over the data (ignored when max_steps > 0)
+    max_steps: int = -1                     # stop after this many optimiser steps (-1: use epochs)
+    batch_size: int = 8                     # per-device batch size
+    grad_accum: int = 1                     # gradient accumulation steps
+    max_length: int = 256                   # truncate prompt+answer to this many tokens
+    warmup_ratio: float = 0.03              # linear warm-up fraction of the schedule
+    weight_decay: float = 0.0               # AdamW weight decay
+    save_steps: int = 50                    # checkpoint every N steps (resumable with --resume)
+    logging_steps: int = 5                  # log the loss every N steps
+    seed: int = 0                           # seed for shuffling and LoRA init
+    precision: str = "auto"                 # "auto" (bf16 on a bf16-capable GPU, else fp32), "bf16", "fp32"
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}")
+        _positive("alpha", self.alpha)
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        check(isinstance(self.target_modules, str) and self.target_modules.strip() != "",
+              "target_modules must be a non-empty comma list or 'all-linear'")
+        _positive("learning_rate", self.learning_rate)
+        check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be -1 or > 0, got {self.max_steps!r}")
+        check(self.max_steps > 0 or self.epochs > 0, "epochs must be > 0 when max_steps is -1")
+        check(isinstance(self.batch_size, int) and self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size!r}")
+        check(isinstance(self.grad_accum, int) and self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum!r}")
+        check(isinstance(self.max_length, int) and self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
+        check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        check(self.save_steps > 0 and self.logging_steps > 0, "save_steps and logging_steps must be > 0")
+        check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto|bf16|fp32, got {self.precision!r}")
+
+    def target_list(self) -> list[str] | str:
+        """Target modules as PEFT expects them: a list of names, or the string "all-linear"."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+
+@dataclasses.dataclass
+class RouterDataConfig:
+    """How router data is made (``dlp-lora make-router-data``); saved as ``router_data/config.json``."""
+
+    per_task: int = 0                       # samples per task (0: size of the smallest task, balanced)
+    val_frac: float = 0.1                   # fraction of each task's questions for validation
+    test_frac: float = 0.1                  # fraction of each task's questions for test
+    granularity: str = "prompt"             # "prompt": one record per question; "sentence": one per sentence
+    composite: int = 0                      # extra multi-task composite test samples (paper Fig. 1); 0 = none
+    seed: int = 0                           # seed for sampling and splitting
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.per_task, int) and self.per_task >= 0, f"per_task must be >= 0, got {self.per_task!r}")
+        check(0.0 <= self.val_frac < 1.0 and 0.0 <= self.test_frac < 1.0 and self.val_frac + self.test_frac < 1.0,
+              "val_frac and test_frac must be in [0, 1) and sum to < 1")
+        check(self.granularity in ("prompt", "sentence"), f"granularity must be prompt|sentence, got {self.granularity!r}")
+        check(isinstance(self.composite, int) and self.composite >= 0, f"composite must be >= 0, got {self.composite!r}")
+
+
+@dataclasses.dataclass
+class RouterConfig:
+    """Router architecture and training (``dlp-lora train-router``); saved as ``router/config.json``."""
+
+    kind: str = "mlp"                       # "mlp" (the paper's mini-MLP), "albert" or "distilroberta"
+    embed_dim: int = 96                     # mini-MLP: EmbeddingBag width (~5M params with a 49k vocabulary)
+    hidden_dim: int = 256                   # mini-MLP: width of the 4-layer MLP
+    mlp_dropout: float = 0.1                # mini-MLP: dropout between MLP layers during training
+    max_tokens: int = 256                   # truncate router inputs to this many tokens
+    pretrained: str = ""                    # albert/distilroberta: local checkpoint folder ("" = from config)
+    learning_rate: float = 3e-3             # AdamW learning rate (mini-MLP; transformers use 5e-5 by default)
+    epochs: int = 20                        # maximum epochs
+    batch_size: int = 64                    # batch size
+    patience: int = 3                       # early stopping: epochs without validation improvement
+    seed: int = 0                           # seed for init and shuffling
+    vocab_size: int = 0                     # filled from the tokenizer at training time (never typed by hand)
+    tokenizer: str = ""                     # identity of the tokenizer the router was trained with
+    num_labels: int = 0                     # filled from labels.json at training time
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("mlp", "albert", "distilroberta"),
+              f"unknown router type {self.kind!r} (choose mlp, albert or distilroberta)")
+        for name in ("embed_dim", "hidden_dim", "max_tokens", "epochs", "batch_size", "patience"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        check(0.0 <= self.mlp_dropout < 1.0, f"mlp_dropout must be in [0, 1), got {self.mlp_dropout!r}")
+        _positive("learning_rate", self.learning_rate)
+
+
+@dataclasses.dataclass
+class SelectionConfig:
+    """How router probabilities become fusion weights (paper §3.2, Eq. 5)."""
+
+    top_p: float = 0.8                      # keep tasks until their cumulative probability reaches top_p
+    weighting: str = "paper"                # "paper": softmax over kept probs (Eq. 5); "renorm": kept / sum
+    max_adapters: int = 0                   # cap on kept adapters per row (0 = no cap)
+    min_confidence: float = 0.0             # below this top-1 probability use the base model (0 = never)
+    granularity: str = "sentence"           # "prompt": route once per request; "sentence": per sentence (paper)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(self.weighting in ("paper", "renorm"), f"weighting must be paper|renorm, got {self.weighting!r}")
+        check(isinstance(self.max_adapters, int) and self.max_adapters >= 0, f"max_adapters must be >= 0, got {self.max_adapters!r}")
+        check(0.0 <= self.min_confidence <= 1.0, f"min_confidence must be in [0, 1], got {self.min_confidence!r}")
+        check(self.granularity in ("prompt", "sentence"), f"granularity must be prompt|sentence, got {self.granularity!r}")
