@@ -8,9 +8,10 @@ PKG = Path(__file__).resolve().parents[1] / "dlp_lora"
 # rank of each top-level module/package; a module may import only modules of lower or equal-shared rank below it
 RANK = {
     "config": 0, "models": 1, "data": 2, "tasks": 3, "lora": 4, "router": 5, "fusion": 6, "pipeline": 7,
-    "evaluate": 8, "bench": 9, "demo": 10, "proxy": 10, "cli": 11, "ui": 11, "server": 11, "__main__": 12,
+    "evaluate": 8, "bench": 9, "demo": 10, "proxy": 10, "ui": 11, "server": 11, "cli": 12, "__main__": 13,
     "__init__": -1,
 }
+# cli is the front door: it dispatches to the ui and server front-ends, which never import each other.
 
 
 def _unit(path: Path) -> str:

@@ -91,7 +91,7 @@ def cli_arg_cases():
     add("convert_no_format", ["data", "convert", "{case}/in.json", "{tmp}/out.json"], "--format")
     add("demo_bad_flag", ["demo", "--fast"], "unrecognized")
     add("data_check_missing_file", ["data", "check", "{tmp}/absent.json"], "absent.json", "file not found", code=1)
-    add("data_check_folder", ["data", "check", "{tmp}"], "is a folder", code=1)
+    add("data_check_empty_folder", ["data", "check", "{tmp}"], "no task files", code=1)
     add("models_tiny_exists", ["models", "tiny", "--out", "{case}"], "already exists", code=1)
     return c
 
