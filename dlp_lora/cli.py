@@ -73,11 +73,14 @@ def cmd_data(args) -> int:
 
     if args.data_cmd == "check":
         total = 0
-        for f in args.files:
+        files = []
+        for f in args.files:  # a folder means its task files; metadata sidecars are not task files
+            files += data.task_files(f) if os.path.isdir(f) else [] if str(f).endswith(".meta.json") else [f]
+        for f in files:
             t = data.read_task(f)
             total += len(t.records)
             print(f"{f}: task={t.name} records={len(t.records)} metric={t.metric}")
-        print(f"ok: {len(args.files)} file(s), {total} record(s)")
+        print(f"ok: {len(files)} file(s), {total} record(s)")
         return 0
     if args.data_cmd == "builtin":
         from .tasks import write_builtin_tasks
@@ -90,7 +93,7 @@ def cmd_data(args) -> int:
         from .tasks import convert
 
         task = convert(args.format, args.input, args.output, task=args.task, limit=args.limit)
-        print(f"{args.output}: task={task.name} records={len(task.records)} metric={task.metric}")
+        print(f"{task.path or args.output}: task={task.name} records={len(task.records)} metric={task.metric}")
         return 0
     return 2
 
@@ -115,6 +118,535 @@ def _p_data(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, force=args.force)
+    return 0
+
+
+def _p_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the default model (offline, resumable)")
+    p.add_argument("--out", default="demo_run", help="run folder (finished stages are reused)")
+    p.add_argument("--quick", action="store_true", help="tiny model and a few steps (about a minute)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train-lora
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRAIN_FIELDS = {"rank": "rank", "alpha": "alpha", "dropout": "dropout", "target_modules": "target_modules",
+                 "lr": "learning_rate", "epochs": "epochs", "max_steps": "max_steps", "batch_size": "batch_size",
+                 "grad_accum": "grad_accum", "max_length": "max_length", "seed": "seed", "save_steps": "save_steps",
+                 "precision": "precision"}
+
+
+def cmd_train_lora(args) -> int:
+    from . import lora
+    from .config import LoRATrainConfig
+
+    given = {field: getattr(args, opt) for opt, field in _TRAIN_FIELDS.items() if getattr(args, opt) is not None}
+    if args.rslora:
+        given["use_rslora"] = True
+    try:
+        config = LoRATrainConfig(**given)
+    except DLPError as e:
+        raise DLPError(f"train-lora: {e}") from None
+    progress = not args.no_progress
+    if args.data_dir is not None:
+        if args.task:
+            raise DLPError("train-lora: --task applies to --data, not --data-dir (task names come from the files)")
+        run = lora.train_adapters(args.model, args.data_dir, args.out, config=config, overwrite=args.overwrite,
+                                  resume=args.resume, progress=progress)
+        if lora.is_main_process():
+            for d in lora.read_adapter_list(run):
+                print(lora.format_summary(d))
+            print(run / lora.ADAPTER_LIST)
+        return 0
+    out = lora.train_adapter(args.model, args.data, args.out, task=args.task, config=config,
+                             overwrite=args.overwrite, resume=args.resume, progress=progress)
+    if lora.is_main_process():
+        print(lora.format_summary(out))
+    return 0
+
+
+def _p_train_lora(sub) -> None:
+    p = sub.add_parser("train-lora", help="train one LoRA per task (PEFT + Trainer)",
+                       description="Train task LoRAs. One task: --data TASK.json --out RUN/adapters/NAME. "
+                                   "All tasks of a folder: --data-dir DIR --out RUN (writes RUN/adapters/<task>/ "
+                                   "and RUN/adapters.txt). Runs unchanged under accelerate launch / torchrun.")
+    p.add_argument("--model", default="default", help="base model: 'default' (SmolLM2-135M-Instruct), 'tiny', "
+                   "a local folder or a hub id (default: default)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="one task file (.json DictList or .jsonl)")
+    src.add_argument("--data-dir", default=None, help="folder of task files: one adapter per file")
+    p.add_argument("--task", default=None, help="task name for --data (default: from the file)")
+    p.add_argument("--out", required=True, help="adapter folder (with --data) or run folder (with --data-dir)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default -1: use --epochs)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    p.add_argument("--target-modules", default=None, help="comma list of module names or all-linear "
+                   "(default q_proj,v_proj, the paper's)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 16)")
+    p.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch size (default 8)")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens of prompt+answer (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default 50)")
+    p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 on a bf16-capable GPU, else fp32 (default auto)")
+    p.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scale alpha/sqrt(r)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing adapter folders")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint "
+                   "(finished adapters are kept)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or loss logs")
+    p.set_defaults(func=cmd_train_lora)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    from .evaluate import command_line, evaluate, summary_markdown
+
+    summary = evaluate(args.run, data=args.data, data_dir=args.data_dir, out_dir=args.out, systems=args.systems,
+                       limit=args.limit, top_p=args.top_p, weighting=args.weighting, granularity=args.granularity,
+                       model_spec=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       metrics=args.metric, auto_budget=not args.fixed_length, overwrite=args.overwrite,
+                       progress=not args.no_progress, device=args.device, results_md=args.results_md,
+                       results_commands=args.results_commands, command=command_line(_eval_argv(args)))
+    print(summary_markdown(summary))
+    print(f"wrote {args.out}" + (f" and {args.results_md}" if args.results_md else ""))
+    return 0
+
+
+def _eval_argv(args) -> list[str]:
+    """The eval command line rebuilt from the parsed arguments (recorded in summary.json / RESULTS.md)."""
+    argv = ["eval", "--run", str(args.run)]
+    argv += ["--data", *map(str, args.data)] if args.data else ["--data-dir", str(args.data_dir)]
+    argv += ["--systems", args.systems]
+    for flag, value, default in (("--limit", args.limit, None), ("--top-p", args.top_p, 0.8),
+                                 ("--weighting", args.weighting, "paper"), ("--granularity", args.granularity, "prompt"),
+                                 ("--model", args.model, None), ("--max-new-tokens", args.max_new_tokens, 64),
+                                 ("--batch-size", args.batch_size, 8), ("--device", args.device, None)):
+        if value != default:
+            argv += [flag, str(value)]
+    if args.fixed_length:
+        argv.append("--fixed-length")
+    for m in args.metric or []:
+        argv += ["--metric", m]
+    argv += ["--out", str(args.out)]
+    if args.results_md:
+        argv += ["--results-md", str(args.results_md)]
+    if args.results_commands:
+        argv += ["--results-commands", str(args.results_commands)]
+    if args.overwrite:
+        argv.append("--overwrite")
+    return argv
+
+
+def _p_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate base / single / DLP-LoRA / uniform on the same test samples")
+    p.add_argument("--run", required=True, help="run folder (adapters.txt + router/) or an adapters.txt")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data", nargs="+", default=None, help="test task files (task names must match adapters)")
+    g.add_argument("--data-dir", default=None, help="folder of test task files")
+    p.add_argument("--systems", default="base,single,dlp,uniform", help="comma list of base,single,dlp,uniform")
+    p.add_argument("--limit", type=int, default=None, help="first N samples per task (default: all)")
+    p.add_argument("--top-p", type=float, default=0.8, help="router top-p for dlp (default 0.8)")
+    p.add_argument("--weighting", default="paper", choices=["paper", "renorm"], help="fusion weights (default paper)")
+    p.add_argument("--granularity", default="prompt", choices=["prompt", "sentence"],
+                   help="dlp routing once per prompt or per sentence (default prompt)")
+    p.add_argument("--model", default=None, help="default | tiny | PATH (default: the adapters' base model)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated tokens per sample (default 64)")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="always allow --max-new-tokens (default: per task, longest reference + 16, capped)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
+    p.add_argument("--metric", action="append", default=None, metavar="TASK=METRIC",
+                   help="override a task's metric (repeatable)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output folder, e.g. TestOutputs/NAME (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--results-md", default=None, help="also write this run's section of a RESULTS.md")
+    p.add_argument("--results-commands", default=None, help="file of the commands that built the run (quoted in RESULTS.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ui
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_ui(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # the app imports gradio itself; this only checks the extra
+        raise DLPError("dlp-lora ui: gradio is not installed (pip install 'dlp-lora[ui]')")
+    from . import ui
+
+    if args.run and not os.path.exists(args.run):
+        raise DLPError(f"{args.run}: run folder not found")
+    print(f"DLP-LoRA web app on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    ui.launch(run=args.run, host=args.host, port=args.port, model=args.model)
+    return 0
+
+
+def _p_ui(sub) -> None:
+    p = sub.add_parser("ui", help="the Gradio web app")
+    p.add_argument("--run", default=None, help="run folder that pre-fills the pages (adapters.txt, router/, ...)")
+    p.add_argument("--model", default=None,
+                   help="base model: default | tiny | PATH (default: default for training, the adapters' own "
+                        "base model for testing and the playground)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.set_defaults(func=cmd_ui)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# router: make-router-data, train-router
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_make_router_data(args) -> int:
+    from .config import RouterDataConfig
+    from .router import fuse_router_files, make_router_data
+
+    if args.fuse:
+        if args.adapters or args.data_dir:
+            raise DLPError("make-router-data: --fuse cannot be combined with --adapters/--data-dir")
+        out = fuse_router_files(args.fuse, args.out, overwrite=True)
+        print(f"fused {len(args.fuse)} router files -> {out}")
+        return 0
+    cfg = RouterDataConfig(per_task=args.per_task, val_frac=args.val_frac, test_frac=args.test_frac,
+                           granularity=args.granularity, composite=args.composite, seed=args.seed)
+    out = make_router_data(args.out, adapters=args.adapters, data_dir=args.data_dir, config=cfg,
+                           overwrite=args.overwrite, progress=not args.no_progress)
+    stats = json.loads((out / "stats.json").read_text())
+    print(f"{out}: {len(stats['labels'])} tasks, {stats['per_task']} questions per task, "
+          f"records train={stats['records']['train']} val={stats['records']['val']} test={stats['records']['test']}"
+          + (f" composite={stats['composite']}" if stats["composite"] else ""))
+    return 0
+
+
+def _p_make_router_data(sub) -> None:
+    p = sub.add_parser("make-router-data", help="build router train/val/test data from task files")
+    p.add_argument("--adapters", default=None, help="RUN folder or adapters.txt (label order = adapter order)")
+    p.add_argument("--data-dir", default=None, help="folder of task files (label order = file names sorted)")
+    p.add_argument("--fuse", nargs="+", default=None, metavar="FILE",
+                   help="merge already-labelled router files (or folders) into --out instead")
+    p.add_argument("--out", required=True, help="output folder (or file with --fuse)")
+    p.add_argument("--per-task", type=int, default=0, help="questions per task (default: smallest task's size)")
+    p.add_argument("--granularity", choices=("prompt", "sentence"), default="prompt",
+                   help="one record per prompt, or per sentence (paper)")
+    p.add_argument("--composite", type=int, default=0, help="multi-task composite test samples (paper Fig. 1)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="fraction of each task's questions for validation")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of each task's questions for test")
+    p.add_argument("--seed", type=int, default=0, help="sampling/splitting seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_make_router_data)
+
+
+def cmd_train_router(args) -> int:
+    from pathlib import Path
+
+    from .config import RouterConfig
+    from .router import train_router
+
+    kw = {}
+    if args.lr is not None:
+        kw["learning_rate"] = args.lr
+    elif args.router != "mlp":
+        # transformers: 5e-5 to fine-tune a pretrained checkpoint, 3e-4 for a small one trained from scratch
+        kw["learning_rate"] = 5e-5 if args.pretrained else 3e-4
+    for name in ("epochs", "batch_size", "patience", "seed", "max_tokens"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    cfg = RouterConfig(kind=args.router, pretrained=args.pretrained or "", **kw)
+    out = train_router(args.data, args.model, args.out, config=cfg, overwrite=args.overwrite,
+                       progress=not args.no_progress, adapters=args.adapters)
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    print(f"parameters: {m['params']:,}   epochs: {m['epochs_run']} (best {m['best_epoch']})   "
+          f"train time: {m['train_seconds']:.1f}s")
+    width = max(len(t) for t in m["per_task_accuracy"]) + 2
+    split = m["confusion_split"]
+    print(f"{'task':<{width}}{split} accuracy")
+    for t, acc in m["per_task_accuracy"].items():
+        print(f"{t:<{width}}{'-' if acc is None else f'{acc:.4f}'}")
+    print(f"{'average':<{width}}{m['mean_task_accuracy']:.4f}")
+    print(f"val accuracy: {m.get('val_accuracy', float('nan')):.4f}   {split} accuracy: "
+          f"{m.get(split + '_accuracy', float('nan')):.4f}")
+    for c in m["confusions"][:5]:
+        print(f"confused: {c['true']} -> {c['predicted']} ({c['count']})")
+    print(f"confusion matrix: {Path(out) / 'confusion.png'}")
+    print(f"router: {out}")
+    return 0
+
+
+def _p_train_router(sub) -> None:
+    p = sub.add_parser("train-router", help="train the router (mini-MLP, albert, distilroberta)")
+    p.add_argument("--data", required=True, help="router data folder (from make-router-data)")
+    p.add_argument("--model", default="default", help="base model whose tokenizer the router reads: PATH|default|tiny")
+    p.add_argument("--out", required=True, help="output router folder")
+    p.add_argument("--router", default="mlp", help="mlp | albert | distilroberta")
+    p.add_argument("--pretrained", default=None, help="albert/distilroberta: local checkpoint folder")
+    p.add_argument("--adapters", default=None, help="refuse data whose labels differ from this adapters list")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 20)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (mlp 3e-3; albert/distilroberta 3e-4, "
+                                                           "5e-5 with --pretrained)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 64)")
+    p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default 3)")
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate router inputs (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing router folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_router)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench, summary_lines
+
+    res = run_bench(model=args.model, quick=args.quick, only=args.only, out=args.out, run=args.run, reps=args.reps,
+                    threads=args.threads, markdown=args.markdown or None, progress=not args.no_progress,
+                    layers=args.layers, device=args.device or "", prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, merge_new_tokens=args.merge_new_tokens)
+    for line in summary_lines(res):
+        print(line)
+    print(f"wrote {args.out}/results.json" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+def _p_bench(sub) -> None:
+    p = sub.add_parser("bench", help="efficiency benchmarks P1-P7 vs PEFT (writes results.json, BENCHMARKS.md)")
+    p.add_argument("--model", default="tiny", help="tiny | default | a model folder | preset: qwen2-1.5b, "
+                   "llama-2-7b, llama-3-8b (random weights, real shapes)")
+    p.add_argument("--quick", action="store_true", help="small shapes (< 2 min on 2 CPU cores with the tiny model)")
+    p.add_argument("--only", default="", help="comma list of rows, e.g. P1,P2 (default: all of P1-P7)")
+    p.add_argument("--run", default=None, help="run folder: benchmark its trained adapters (and router/)")
+    p.add_argument("--reps", type=int, default=0, help="repetitions per figure (>= 5; default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default); printed")
+    p.add_argument("--layers", type=int, default=0, help="presets: number of layers (default: reduced on CPU)")
+    p.add_argument("--device", default="", help="cpu | cuda (default: auto)")
+    p.add_argument("--prompt-len", type=int, default=0, help="prompt tokens per row (default 16 quick / 64)")
+    p.add_argument("--new-tokens", type=int, default=0, help="generated tokens per row (default 8 quick / 32)")
+    p.add_argument("--merge-new-tokens", type=int, default=0, help="P5 generated tokens (default 32 quick / 128)")
+    p.add_argument("--out", required=True, help="output folder, e.g. bench/NAME (results.json, results.md)")
+    p.add_argument("--markdown", default="BENCHMARKS.md",
+                   help="Markdown file whose section for this --out name is replaced ('' = none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_serve(args) -> int:
+    from .server import ServeConfig, serve
+
+    fields = {"host": args.host, "port": args.port, "api_key": args.api_key, "max_batch": args.max_batch,
+              "batch_window_ms": args.batch_window_ms, "max_queue": args.max_queue,
+              "max_tokens_cap": args.max_tokens_cap, "max_prompt_tokens": args.max_prompt_tokens,
+              "max_body_bytes": args.max_body_bytes, "top_p": args.top_p, "weighting": args.weighting,
+              "granularity": args.granularity, "max_adapters": args.max_adapters, "max_lora_rank": args.max_lora_rank,
+              "max_loaded_adapters": args.max_loaded_adapters, "upstream": args.upstream,
+              "upstream_model": args.upstream_model, "upstream_api_key": args.upstream_api_key,
+              "mixture_cache": args.mixture_cache, "mixture_dir": args.mixture_dir}
+    config = ServeConfig(**{k: v for k, v in fields.items() if v is not None})
+    if config.default_max_tokens > config.max_tokens_cap:
+        config.default_max_tokens = config.max_tokens_cap
+    if args.print_vllm_command:
+        from .proxy import vllm_command
+
+        print(vllm_command(args.run, model=args.vllm_model or args.model, max_adapters=config.max_adapters,
+                           mixture_cache=config.mixture_cache))
+        return 0
+    serve(args.run, config, model=args.model, router=args.router, device=args.device, log_level=args.log_level)
+    return 0
+
+
+def _p_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server (routed, fused, batched); --upstream: route in front "
+                                     "of a vLLM-class LoRA server")
+    p.add_argument("--run", required=True, help="run folder (adapters.txt, router/)")
+    p.add_argument("--model", default="default", help="base model: default | tiny | a folder")
+    p.add_argument("--router", default=None, help="router folder (default: RUN/router when present)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: auto)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("DLP_LORA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $DLP_LORA_API_KEY; none if unset)")
+    p.add_argument("--max-batch", type=int, default=None, help="requests per engine call at most (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=None,
+                   help="wait at most this long for requests to join a batch (default 10)")
+    p.add_argument("--max-queue", type=int, default=None, help="queued requests at most; beyond: 429 (default 64)")
+    p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens accepted (default 512)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt in tokens (default 2048)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 1000000)")
+    p.add_argument("--top-p", type=float, default=None, help="router top-p default (default 0.8)")
+    p.add_argument("--weighting", default=None, help="paper | renorm (default paper)")
+    p.add_argument("--granularity", default=None, help="sentence | prompt (default sentence)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="refuse /v1/load_lora_adapter adapters above this rank (default 0: any)")
+    p.add_argument("--max-loaded-adapters", type=int, default=None,
+                   help="adapters /v1/load_lora_adapter may hold (default 16)")
+    p.add_argument("--upstream", default=None, help="proxy mode: OpenAI-compatible LoRA server URL (vLLM, ...)")
+    p.add_argument("--upstream-model", default=None, help="proxy mode: upstream base model id (default: discover)")
+    p.add_argument("--upstream-api-key", default=os.environ.get("DLP_LORA_UPSTREAM_API_KEY") or None,
+                   help="proxy mode: bearer key for the upstream (default: $DLP_LORA_UPSTREAM_API_KEY)")
+    p.add_argument("--mixture-cache", type=int, default=None, help="proxy mode: mixtures kept loaded upstream (default 32)")
+    p.add_argument("--mixture-dir", default=None,
+                   help="proxy mode: folder for exported mixtures, readable by the upstream (default: a temp folder)")
+    p.add_argument("--max-adapters", type=int, default=None,
+                   help="router: most adapters kept per request (default 0: no cap; bounds mixture rank upstream)")
+    p.add_argument("--print-vllm-command", action="store_true",
+                   help="print the vLLM launch command for this run's adapters (ranks, names, paths) and exit")
+    p.add_argument("--vllm-model", default=None, help="with --print-vllm-command: the model id vLLM loads")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.set_defaults(func=cmd_serve)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate / export-mixture (fused engine)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _engine_adapters(args):
+    """Adapters from --adapters (adapters.txt, run folder or comma list of folders) or --run."""
+    from .config import DLPError
+
+    if args.adapters:
+        parts = [p for p in args.adapters.split(",") if p.strip()]
+        return parts if len(parts) > 1 else parts[0]
+    if args.run:
+        return args.run
+    raise DLPError("give --run RUN or --adapters (adapters.txt, run folder or comma list of adapter folders)")
+
+
+def _read_prompts(path: str) -> list[str]:
+    from pathlib import Path
+
+    from .config import DLPError
+
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DLPError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DLPError(f"{p}: cannot read ({e.__class__.__name__})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise DLPError(f"{p}: line {n}: not valid JSON") from None
+        if isinstance(obj, str):
+            prompts.append(obj)
+            continue
+        text = next((obj.get(k) for k in ("prompt", "Q", "question", "input") if isinstance(obj, dict) and k in obj), None)
+        if not isinstance(text, str) or not text.strip():
+            raise DLPError(f"{p}: line {n}: field 'prompt': missing or not a non-empty string")
+        prompts.append(text)
+    if not prompts:
+        raise DLPError(f"{p}: no prompts")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from .config import DLPError
+    from .pipeline import DLPPipeline, parse_weights
+
+    if (args.prompt is None) == (args.input is None):
+        raise DLPError("give exactly one of --prompt or --input")
+    if not (0.0 < args.top_p <= 1.0):
+        raise DLPError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.input)
+    router = args.router
+    if router is None and args.run and (Path(args.run) / "router").is_dir():
+        router = str(Path(args.run) / "router")
+    weights = parse_weights(args.weights) if args.weights else None
+    if router is None and weights is None:
+        raise DLPError("no router: give --run with a router/ folder, --router DIR, or force a mixture with --weights")
+    pipe = DLPPipeline.from_pretrained(args.model, _engine_adapters(args), router=router if weights is None else None,
+                                       device=args.device, dtype=args.dtype)
+    results = pipe.generate(prompts, top_p=args.top_p, weighting=args.weighting, granularity=args.granularity,
+                            weights=weights, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p_sampling=args.top_p_sampling, seed=args.seed, chat=not args.no_chat,
+                            max_adapters=args.max_adapters or None, min_confidence=args.min_confidence or None,
+                            batch_size=args.batch_size, merge=args.merge)
+    for prompt, r in zip(prompts, results):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **r.to_json()}, ensure_ascii=False))
+            continue
+        print(r.text)
+        for e in r.routing:
+            mix = ", ".join(f"{t}={w:.3f}" for t, w in zip(e["selected"], e["weights"])) or "base model"
+            print(f"  [{e['source']}] {e['sentence'][:60]!r} -> {mix}")
+        print(f"  ({r.completion_tokens} tokens, {r.finish_reason}, {r.seconds:.2f}s)")
+    return 0
+
+
+def _p_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate with routed, fused LoRAs")
+    p.add_argument("--run", default=None, help="run folder (adapters.txt, router/)")
+    p.add_argument("--model", default="default", help="base model: default | tiny | a folder (default: default)")
+    p.add_argument("--adapters", default=None, help="adapters.txt, a run folder or a comma list of adapter folders")
+    p.add_argument("--router", default=None, help="router folder (default: RUN/router when present)")
+    p.add_argument("--prompt", default=None, help="one prompt")
+    p.add_argument("--input", default=None, help="JSON Lines file of prompts ({\"prompt\": ...} or strings)")
+    p.add_argument("--top-p", type=float, default=0.8, help="router top-p (paper: 0.8)")
+    p.add_argument("--weighting", default="paper", choices=("paper", "renorm"), help="fusion weights from kept probs")
+    p.add_argument("--granularity", default="sentence", choices=("sentence", "prompt"),
+                   help="route per sentence (paper) or once per prompt")
+    p.add_argument("--max-adapters", type=int, default=0, help="cap on adapters per row (0: no cap)")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="below this top-1 prob use the base model")
+    p.add_argument("--weights", default=None, help="force a mixture: task=w,task=w (no router)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p-sampling", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--merge", action="store_true", help="one prompt at a time, mixture merged into the weights")
+    p.add_argument("--no-chat", action="store_true", help="raw prompt text (no chat template)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_export_mixture(args) -> int:
+    from .fusion import fuse_adapters
+    from .models import load_model
+    from .pipeline import resolve_adapters, parse_weights
+
+    dirs = resolve_adapters(_engine_adapters(args))
+    mapping = parse_weights(args.weights)
+    model, _ = load_model(args.model, device="cpu", dtype="fp32")
+    fused = fuse_adapters(model, dirs)
+    out = fused.export_mixture(fused.weights_vector(mapping), args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def _p_export_mixture(sub) -> None:
+    p = sub.add_parser("export-mixture", help="write a fused mixture as one PEFT adapter")
+    p.add_argument("--run", default=None, help="run folder (adapters.txt)")
+    p.add_argument("--adapters", default=None, help="adapters.txt, a run folder or a comma list of adapter folders")
+    p.add_argument("--model", default="default", help="base model the adapters belong to (default: default)")
+    p.add_argument("--weights", required=True, help="the mixture: task=w,task=w")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_export_mixture)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # stages built by later work: registered now so the command surface is stable
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -129,16 +661,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _p_models(sub)
     _p_data(sub)
-    _p_stub(sub, "train-lora", "train one LoRA per task (PEFT + Trainer)")
-    _p_stub(sub, "make-router-data", "build router train/val/test data from task files")
-    _p_stub(sub, "train-router", "train the router (mini-MLP, albert, distilroberta)")
-    _p_stub(sub, "generate", "generate with routed, fused LoRAs")
-    _p_stub(sub, "export-mixture", "write a fused mixture as one PEFT adapter")
-    _p_stub(sub, "eval", "evaluate base / single / DLP-LoRA / uniform")
-    _p_stub(sub, "bench", "efficiency benchmarks (writes BENCHMARKS.md)")
-    _p_stub(sub, "demo", "the whole pipeline on the default model")
-    _p_stub(sub, "ui", "the Gradio web app")
-    _p_stub(sub, "serve", "OpenAI-compatible server")
+    _p_train_lora(sub)
+    _p_make_router_data(sub)
+    _p_train_router(sub)
+    _p_generate(sub)
+    _p_export_mixture(sub)
+    _p_eval(sub)
+    _p_bench(sub)
+    _p_demo(sub)
+    _p_ui(sub)
+    _p_serve(sub)
     return parser
 
 

@@ -209,8 +209,28 @@ class RouterConfig:
     vocab_size: int = 0                     # filled from the tokenizer at training time (never typed by hand)
     tokenizer: str = ""                     # identity of the tokenizer the router was trained with
     num_labels: int = 0                     # filled from labels.json at training time
+    activation: str = "gelu"                # mini-MLP: "gelu" or "relu" between the MLP layers
+    hf_hidden_dim: int = 256                # albert/distilroberta from config: hidden width
+    hf_layers: int = 0                      # albert/distilroberta from config: layers (0: albert 4, distilroberta 6)
+    hf_heads: int = 4                       # albert/distilroberta from config: attention heads
+    tokenizer_source: str = "base"          # "base": the LLM's tokenizer; "pretrained": the checkpoint's own
+    token_dropout: float = 0.25             # mini-MLP training: drop this fraction of each text's tokens (augmentation)
+    embed_init_std: float = 0.02            # mini-MLP: init std of the token embeddings (unseen tokens stay near 0)
+    crop_prob: float = 0.0                  # mini-MLP training: chance to train on a random span of a text instead
+    pooling: str = "mean"                   # mini-MLP: "mean" (paper: EmbeddingBag mean) or "mean+max" (ours)
 
     def __post_init__(self) -> None:
+        check(self.activation in ("gelu", "relu"), f"activation must be gelu|relu, got {self.activation!r}")
+        check(self.tokenizer_source in ("base", "pretrained"),
+              f"tokenizer_source must be base|pretrained, got {self.tokenizer_source!r}")
+        for name in ("hf_hidden_dim", "hf_heads"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        check(isinstance(self.hf_layers, int) and self.hf_layers >= 0, f"hf_layers must be >= 0, got {self.hf_layers!r}")
+        check(0.0 <= self.token_dropout < 1.0, f"token_dropout must be in [0, 1), got {self.token_dropout!r}")
+        check(self.embed_init_std >= 0, f"embed_init_std must be >= 0, got {self.embed_init_std!r}")
+        check(0.0 <= self.crop_prob <= 1.0, f"crop_prob must be in [0, 1], got {self.crop_prob!r}")
+        check(self.pooling in ("mean", "mean+max"), f"pooling must be mean|mean+max, got {self.pooling!r}")
         check(self.kind in ("mlp", "albert", "distilroberta"),
               f"unknown router type {self.kind!r} (choose mlp, albert or distilroberta)")
         for name in ("embed_dim", "hidden_dim", "max_tokens", "epochs", "batch_size", "patience"):

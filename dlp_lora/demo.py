@@ -1,0 +1,189 @@
+"""``dlp-lora demo``: the whole DLP-LoRA pipeline on the embedded default model, offline, resumable.
+
+Stages (each writes one folder that is complete or absent, so a re-run reuses finished stages and an
+interrupted one is simply redone):
+
+    data/train/, data/test/     built-in tasks (held-out test questions never appear in training)
+    adapters/, adapters.txt     one LoRA per task (PEFT + Trainer)
+    router_data/                balanced router data, labels in adapter order
+    router/                     the mini-MLP router
+    eval/                       base / single / DLP-LoRA / uniform on the held-out questions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import (DLPError, GenerationConfig, LoRATrainConfig, RouterConfig, RouterDataConfig, atomic_dir,
+                     check, save_config)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """What the demo runs; ``--quick`` swaps in :data:`QUICK` (tiny model, a few steps)."""
+
+    model: str = "default"                  # base model: "default" (SmolLM2-135M-Instruct), "tiny" or a folder
+    tasks: str = "arithmetic,unit_conversion,word_sorting,boolean_logic,date_arithmetic,counting"
+    n_train: int = 256                      # training records per task (also the router's source data)
+    n_test: int = 24                        # held-out test questions per task
+    max_steps: int = 40                     # LoRA optimiser steps per task
+    learning_rate: float = 1e-3             # LoRA learning rate (high because the budget is a few dozen steps)
+    batch_size: int = 8                     # LoRA batch size
+    rank: int = 8                           # LoRA rank (paper: 8)
+    router_epochs: int = 20                 # mini-MLP epochs (early stopping on validation)
+    max_new_tokens: int = 24                # generation length during evaluation
+    top_p: float = 0.8                      # router top-p
+    weighting: str = "paper"                # fusion weighting (paper Eq. 5 softmax, or renorm)
+    seed: int = 0                           # seed for data, LoRA and router
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_test", "max_steps", "batch_size", "rank", "router_epochs", "max_new_tokens"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    def task_list(self) -> list[str] | None:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()] or None
+
+
+QUICK = dict(model="tiny", n_train=48, n_test=4, max_steps=4, batch_size=4, router_epochs=3, max_new_tokens=6)
+
+DEMO_PROMPTS = [
+    "Tom has 12 apples and buys 7 more. How many apples does he have now?",
+    "Sort these words alphabetically: pear apple mango.",
+    "Convert 3 kilometers to meters. Then tell me: is True and not False true?",
+]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _stage(name: str, path: Path, force: bool) -> bool:
+    """True when the stage must run; removes a finished artifact when forced."""
+    if path.exists() and not force:
+        _say(f"[{name}] reusing {path}")
+        return False
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _say(f"[{name}] -> {path}")
+    return True
+
+
+def _make_data(cfg: DemoConfig, data_dir: Path) -> None:
+    from .data import TaskData, write_task
+    from .tasks import BUILTIN_TASKS, generate_task
+
+    names = cfg.task_list() or sorted(BUILTIN_TASKS)
+    with atomic_dir(data_dir) as tmp:
+        for name in names:
+            train = generate_task(name, cfg.n_train, seed=cfg.seed)
+            seen = {r.question for r in train.records}
+            # test questions from another seed, minus anything seen in training (no leakage)
+            pool = generate_task(name, cfg.n_test * 4 + 16, seed=cfg.seed + 1000)
+            test = [r for r in pool.records if r.question not in seen][: cfg.n_test]
+            if len(test) < cfg.n_test:
+                raise DLPError(f"task {name}: only {len(test)} unseen test questions (asked for {cfg.n_test})")
+            write_task(tmp / "train" / f"{name}.json", train)
+            write_task(tmp / "test" / f"{name}.json",
+                       TaskData(name=name, records=test, metric=train.metric, choices=train.choices))
+
+
+def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = False,
+             config: DemoConfig | None = None, live_prompts: list[str] | None = None) -> dict:
+    """Run (or resume) every stage; returns the evaluation summary plus the live examples."""
+    from .models import resolve_model_path
+
+    cfg = config or (DemoConfig(**QUICK) if quick else DemoConfig())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "demo_config.json")
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    _say(f"[model] {cfg.model}")
+    model_path = resolve_model_path(cfg.model)
+    timings["model"] = time.time() - t
+
+    data_dir = out / "data"
+    t = time.time()
+    if _stage("data", data_dir, force):
+        _make_data(cfg, data_dir)
+    timings["data"] = time.time() - t
+
+    from .lora import train_adapters
+
+    adapters_txt = out / "adapters.txt"
+    t = time.time()
+    if force and (out / "adapters").exists():
+        shutil.rmtree(out / "adapters")
+        adapters_txt.unlink(missing_ok=True)
+    if adapters_txt.exists():
+        _say(f"[adapters] reusing {adapters_txt}")
+    else:
+        n_tasks = len(list((data_dir / "train").glob("*.json"))) - len(list((data_dir / "train").glob("*.meta.json")))
+        _say(f"[adapters] training {n_tasks} LoRAs x {cfg.max_steps} steps (finished adapters are kept on interrupt)")
+        lcfg = LoRATrainConfig(rank=cfg.rank, alpha=2.0 * cfg.rank, learning_rate=cfg.learning_rate,
+                               max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                               save_steps=max(10, cfg.max_steps // 2), logging_steps=max(1, cfg.max_steps // 8),
+                               max_length=192)
+        train_adapters(str(model_path), data_dir / "train", out, config=lcfg, resume=True)
+    timings["adapters"] = time.time() - t
+
+    from .router import make_router_data, train_router
+
+    t = time.time()
+    if _stage("router data", out / "router_data", force):
+        make_router_data(out / "router_data", adapters=adapters_txt, config=RouterDataConfig(seed=cfg.seed))
+    if _stage("router", out / "router", force):
+        train_router(out / "router_data", str(model_path), out / "router",
+                     config=RouterConfig(epochs=cfg.router_epochs, seed=cfg.seed))
+    timings["router"] = time.time() - t
+
+    from .evaluate import evaluate
+
+    t = time.time()
+    eval_dir = out / "eval"
+    if eval_dir.exists() and not force and (eval_dir / "summary.json").is_file():
+        _say(f"[eval] reusing {eval_dir}")
+        summary = json.loads((eval_dir / "summary.json").read_text())
+    else:
+        if eval_dir.exists():
+            shutil.rmtree(eval_dir)
+        _say(f"[eval] base / single / dlp / uniform on {cfg.n_test} held-out questions per task")
+        summary = evaluate(out, data_dir=data_dir / "test", out_dir=eval_dir, model_spec=str(model_path),
+                           systems=("base", "single", "dlp", "uniform"), top_p=cfg.top_p, weighting=cfg.weighting,
+                           max_new_tokens=cfg.max_new_tokens)
+    timings["eval"] = time.time() - t
+
+    md = eval_dir / "summary.md"
+    if md.is_file():
+        _say("")
+        _say(md.read_text())
+
+    from .pipeline import DLPPipeline
+
+    pipe = DLPPipeline.from_pretrained(str(model_path), out, router=out / "router")
+    prompts = live_prompts or DEMO_PROMPTS
+    results = pipe.generate(prompts, top_p=cfg.top_p, weighting=cfg.weighting, granularity="sentence",
+                            max_new_tokens=cfg.max_new_tokens)
+    live = []
+    _say("Live routing (granularity=sentence):")
+    for prompt, res in zip(prompts, results):
+        _say(f"\n> {prompt}\n{res.text.strip()}")
+        for r in res.routing:
+            mix = ", ".join(f"{n}={w:.2f}" for n, w in zip(r["selected"], r["weights"]))
+            _say(f"   [{r['sentence'][:60]!r}] -> {mix or 'base model'}")
+        live.append({"prompt": prompt, "text": res.text, "routing": res.routing})
+    timings["total"] = time.time() - t_start
+    _say(f"\nArtifacts: {out}/ (adapters.txt, adapters/, router_data/, router/, eval/ with plots/)")
+    _say(f"Total time: {timings['total']:.0f}s")
+    _say(f"Web app:  dlp-lora ui --run {out} --model {cfg.model}")
+    _say(f"Server:   dlp-lora serve --run {out} --model {cfg.model}")
+    return {"summary": summary, "live": live, "timings": timings, "out": str(out)}

@@ -1,0 +1,593 @@
+"""The fused engine (DESIGN §4): N PEFT LoRA adapters stacked inside the base model's linear layers, mixed per row
+(or per token) with one batched computation.
+
+Every adapted linear layer computes
+
+    y = W·x + Σ_i w_i · s_i · B_i · (A_i · x)          s_i = alpha_i / r_i  (rsLoRA: alpha_i / sqrt(r_i))
+
+``fuse_adapters(model, dirs)`` wraps each targeted ``nn.Linear`` *in place* with a :class:`FusedLoRALinear` that
+holds all N adapters stacked (``A`` as ``(N, r_max, d_in)``, ``B·s`` transposed as ``(N, r_max, d_out)``; a smaller
+rank is zero-padded, an adapter that does not target the module is all zeros there). Mixture weights are one
+tensor for the whole model, held by a shared :class:`MixtureState`:
+
+* ``(batch, N)``: one mixture per row (prompt / sentence granularity), or ``(1, N)`` for every row;
+* ``(batch, seq, N)``: one mixture per token (sentence spans inside a prefill). With a KV cache the weights must
+  align with the *current* input: the caller passes ``(batch, S_new, N)`` for the new tokens only (or ``(batch, N)``
+  for decode steps) - the pipeline does exactly that.
+
+Speed by design: ``set_weights`` computes, with a single host sync, which adapters are used anywhere in the batch
+(the "active set") and the largest number of adapters a single row uses. The forward pass then needs no sync,
+no Python loop over adapters or rows, and two matmuls per module whatever N is:
+
+* union path (decode steps, or every row using the same adapters): ``h = x @ A_sel.T`` over the active set,
+  columns scaled by each row's weights, ``y = base(x) + h @ B_sel`` (``addmm``). ``A_sel/B_sel`` are gathered once
+  per active set and cached per layer;
+* per-row path (prefill with rows using *different* adapters): each row gathers only its own ≤K adapters
+  (``bmm`` + ``baddbmm``), so a 16-row batch of 16 different 3-adapter mixtures costs 3 adapters per row, not the
+  union of 26.
+
+Adapter scales are folded into ``B`` at fuse time. Merge mode (batch 1) folds the mixture into ``W`` once per
+routing decision (an exact copy of ``W`` is kept and restored, never subtracted). ``export_mixture`` writes a
+mixture as one ordinary PEFT adapter of rank Σr_i. ``detach()`` puts the original ``nn.Linear`` objects back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DLPError, atomic_dir, atomic_write_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TASK_FILE = "dlp_task.json"
+PEFT_PREFIX = "base_model.model."
+# PEFT tensor names: base_model.model.<module>.lora_A.weight (an adapter name may sit before ".weight")
+_KEY_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading PEFT adapters
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pattern_key(keys: Sequence[str], name: str) -> str | None:
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def read_task_name(adapter_dir: str | os.PathLike) -> str:
+    """The task name of an adapter: ``dlp_task.json`` "task", else the folder name."""
+    d = Path(adapter_dir)
+    f = d / TASK_FILE
+    if f.is_file():
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DLPError(f"{f}: cannot read ({e.__class__.__name__})") from None
+        if isinstance(meta, dict) and isinstance(meta.get("task"), str) and meta["task"].strip():
+            return meta["task"]
+    return d.resolve().name
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> dict:
+    """Read one PEFT LoRA folder (safetensors only) into ``{"path", "name", "config", "modules": {module: (A, B,
+    scale)}}`` with ``A (r, d_in)``, ``B (d_out, r)`` as fp32 CPU tensors. Raises :class:`DLPError` if it is not
+    a LoRA folder the engine can fuse."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise DLPError(f"{path}: adapter folder not found")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise DLPError(f"{path}: not a PEFT LoRA folder (no {CONFIG_FILE})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DLPError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise DLPError(f"{cfg_path}: expected a JSON object")
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise DLPError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} is not a LoRA adapter")
+    if cfg.get("use_dora"):
+        raise DLPError(f"{cfg_path}: field 'use_dora': DoRA adapters cannot be fused (plain LoRA only)")
+    if cfg.get("modules_to_save"):
+        raise DLPError(f"{cfg_path}: field 'modules_to_save': adapters with fully trained modules cannot be fused")
+    wpath = path / WEIGHTS_FILE
+    if not wpath.is_file():
+        if any(path.glob("adapter_model*.bin")):
+            raise DLPError(f"{path}: only pickled adapter_model.bin found (never loaded; save with safetensors)")
+        raise DLPError(f"{path}: not a PEFT LoRA folder (no {WEIGHTS_FILE})")
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(wpath), device="cpu")
+    except Exception as e:
+        raise DLPError(f"{wpath}: cannot read safetensors ({e.__class__.__name__})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        m = _KEY_RE.match(key)
+        if m is None or "lora_embedding" in key:
+            raise DLPError(f"{wpath}: tensor {key!r}: not a LoRA weight of a linear layer (cannot be fused)")
+        mod = m.group("mod")
+        mod = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
+        parts.setdefault(mod, {})[m.group("ab")] = t
+    if not parts:
+        raise DLPError(f"{wpath}: no LoRA tensors")
+    alpha0 = float(cfg.get("lora_alpha", 8))
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora", False))
+    modules = {}
+    for mod, ab in sorted(parts.items()):
+        if "A" not in ab or "B" not in ab:
+            raise DLPError(f"{wpath}: module {mod}: lora_{'B' if 'A' in ab else 'A'} weight missing")
+        A, B = ab["A"].float(), ab["B"].float()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise DLPError(f"{wpath}: module {mod}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit")
+        r = A.shape[0]
+        key = _pattern_key(list(alpha_pattern), mod)
+        alpha = float(alpha_pattern[key]) if key is not None else alpha0
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[mod] = (A, B, scale)
+    return {"path": path, "name": read_task_name(path), "config": cfg, "modules": modules}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared mixture state
+# ----------------------------------------------------------------------------------------------------------------
+
+class MixtureState:
+    """The mixture weights of one fused model, shared by all its wrapped layers (set once, read by every layer).
+
+    ``set`` validates the weights and computes, with ONE host sync, the active adapter set (used anywhere in the
+    batch) and ``k_row`` (the most adapters one row uses); layers then read cached column weights from here."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n = n
+        self.device = device
+        self.weights: torch.Tensor | None = None      # (B, N) or (B, S, N) float32 on device
+        self.active: tuple[int, ...] = ()             # adapters used anywhere in the batch
+        self.active_t: torch.Tensor | None = None     # the same as a long tensor on device
+        self.k_row = 0                                # most adapters used by one row
+        self.row_idx: torch.Tensor | None = None      # (B, k_row) adapter index per row (padding has weight 0)
+        self.version = 0
+        self._cols: dict[Any, torch.Tensor] = {}
+        self.rows_decode = True                       # decode steps use the per-row path too (else the union)
+
+    def check(self, weights: Any, what: str = "mixture weights") -> torch.Tensor:
+        """Validated float32 copy on the device (shape only; values are checked in ``set``)."""
+        if not isinstance(weights, torch.Tensor):
+            try:
+                weights = torch.as_tensor(weights, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise DLPError(f"{what}: expected a tensor of shape (batch, {self.n}) or (batch, seq, {self.n})") from None
+        if weights.dim() not in (2, 3) or weights.shape[-1] != self.n or weights.shape[0] == 0:
+            raise DLPError(f"{what}: expected shape (batch, {self.n}) or (batch, seq, {self.n}), "
+                           f"got {tuple(weights.shape)}")
+        if weights.dim() == 3 and weights.shape[1] == 0:
+            raise DLPError(f"{what}: empty sequence dimension")
+        return weights.detach().to(device=self.device, dtype=torch.float32)
+
+    def set(self, weights: Any) -> None:
+        w = self.check(weights)
+        nz = w != 0
+        row_any = nz.any(1) if w.dim() == 3 else nz                      # (B, N)
+        union = row_any.any(0)
+        bad = ~(torch.isfinite(w).all() & (w >= 0).all())
+        # the one host sync of a routing decision (never in forward)
+        packed = torch.cat([union.long(), row_any.sum(1).max().view(1).long(), bad.view(1).long()]).tolist()
+        if packed[-1]:
+            raise DLPError("mixture weights: must be finite and >= 0 (got a negative, NaN or infinite weight)")
+        self.weights = w
+        self.active = tuple(i for i in range(self.n) if packed[i])
+        self.active_t = torch.tensor(self.active, dtype=torch.long).to(self.device)
+        self.k_row = int(packed[self.n])
+        if 0 < self.k_row < len(self.active):
+            self.row_idx = torch.topk(row_any.to(torch.float32), self.k_row, dim=1).indices
+        else:
+            self.row_idx = None
+        self.version += 1
+        self._cols = {}
+
+    def clear(self) -> None:
+        self.weights, self.active, self.active_t, self.row_idx, self.k_row = None, (), None, None, 0
+        self.version += 1
+        self._cols = {}
+
+    def columns(self, r: int, dtype: torch.dtype, per_row: bool) -> torch.Tensor:
+        """Weights expanded over each adapter's r columns, shaped to broadcast over ``h`` (B, S, cols);
+        computed once per (rank, dtype, path) and shared by all layers."""
+        key = (r, dtype, per_row)
+        cols = self._cols.get(key)
+        if cols is None:
+            w = self.weights
+            if per_row:
+                idx = self.row_idx if w.dim() == 2 else self.row_idx.unsqueeze(1).expand(-1, w.shape[1], -1)
+                sel = w.gather(-1, idx)
+            else:
+                sel = w.index_select(-1, self.active_t)
+            cols = sel.repeat_interleave(r, dim=-1).to(dtype)
+            if cols.dim() == 2:
+                cols = cols.unsqueeze(1)
+            self._cols[key] = cols
+        return cols
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The wrapped layer
+# ----------------------------------------------------------------------------------------------------------------
+
+class FusedLoRALinear(nn.Module):
+    """A base ``nn.Linear`` plus N stacked LoRA adapters, mixed by the shared :class:`MixtureState`.
+
+    With no weights set it returns exactly ``base(x)``."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, Bt: torch.Tensor, ranks: list[int], state: MixtureState,
+                 name: str = "") -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("A", A, persistent=False)      # (N, r_max, d_in)
+        self.register_buffer("Bt", Bt, persistent=False)    # (N, r_max, d_out), scale s_i folded in
+        self.ranks = ranks                                  # true rank per adapter here (0 = not targeted)
+        self.r = A.shape[1]
+        self.name = name
+        self._state = state
+        self._plain = type(base) is nn.Linear
+        self._sel_key: tuple | None = None
+        self._A_sel: torch.Tensor | None = None
+        self._Bt_sel: torch.Tensor | None = None
+        self._w_orig: torch.Tensor | None = None            # exact copy of W while merged
+        self._rows_ver = -1                                 # per-row cache (A and w-scaled B of each row's adapters)
+        self._A_rows: torch.Tensor | None = None
+        self._Bw_rows: torch.Tensor | None = None
+
+    def drop_caches(self) -> None:
+        self._rows_ver, self._A_rows, self._Bw_rows = -1, None, None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code inspects .weight of projections (dtype/device)
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.A.shape[0]}, r_max={self.r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base.weight, self.base.bias) if self._plain else self.base(x)
+        st = self._state
+        if st.weights is None or not st.active:
+            return y
+        w = st.weights
+        if x.dim() != 3:
+            raise DLPError(f"{self.name}: fused layers expect (batch, seq, features) inputs, got {tuple(x.shape)}")
+        bsz, seq = x.shape[0], x.shape[1]
+        if w.shape[0] != bsz and w.shape[0] != 1:
+            raise DLPError(f"mixture weights: batch {w.shape[0]} but the model input has batch {bsz}")
+        if w.dim() == 3 and w.shape[1] != seq:
+            raise DLPError(f"mixture weights: {w.shape[1]} per-token weights but the input has {seq} new tokens "
+                           "(with a KV cache pass weights for the new tokens only)")
+        inplace = not torch.is_grad_enabled()
+        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or st.rows_decode):
+            # per-row path: every row uses only its own <= k_row adapters
+            k = st.k_row
+            if w.dim() == 2:
+                # (B, N): gather each row's A and weight-scaled B once per set_weights, reuse every step
+                if self._rows_ver != st.version:
+                    self._A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1)
+                    cols = st.columns(self.r, self.Bt.dtype, True).transpose(1, 2)       # (B, k*r, 1)
+                    self._Bw_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1) * cols
+                    self._rows_ver = st.version
+                h = torch.bmm(x, self._A_rows.transpose(1, 2))
+                return y.baddbmm_(h, self._Bw_rows) if inplace else torch.baddbmm(y, h, self._Bw_rows)
+            A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1)
+            h = torch.bmm(x, A_rows.transpose(1, 2))
+            cols = st.columns(self.r, h.dtype, True)
+            h = h.mul_(cols) if inplace else h * cols
+            Bt_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1)
+            return y.baddbmm_(h, Bt_rows) if inplace else torch.baddbmm(y, h, Bt_rows)
+        if self._sel_key != st.active:
+            self._A_sel = self.A.index_select(0, st.active_t).reshape(-1, self.A.shape[-1])
+            self._Bt_sel = self.Bt.index_select(0, st.active_t).reshape(-1, self.Bt.shape[-1])
+            self._sel_key = st.active
+        h = F.linear(x, self._A_sel)
+        cols = st.columns(self.r, h.dtype, False)
+        h = h.mul_(cols) if inplace else h * cols
+        if inplace:
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self._Bt_sel)
+            return y
+        return y + h @ self._Bt_sel
+
+    # merge mode -------------------------------------------------------------------------------------------------
+    def merge(self, w: torch.Tensor) -> None:
+        """Fold Σ w_i s_i B_i A_i into W (fp32 arithmetic). An exact copy of W is kept for ``unmerge``."""
+        weight = self.base.weight
+        if self._w_orig is None:
+            self._w_orig = weight.detach().clone()
+        idx = torch.nonzero(w).flatten()
+        A = self.A.index_select(0, idx).float()                        # (k, r, d_in)
+        Bt = self.Bt.index_select(0, idx).float() * w[idx].view(-1, 1, 1)
+        delta = Bt.reshape(-1, Bt.shape[-1]).t() @ A.reshape(-1, A.shape[-1])
+        with torch.no_grad():
+            weight.copy_((self._w_orig.float() + delta).to(weight.dtype))
+
+    def unmerge(self) -> None:
+        if self._w_orig is not None:
+            with torch.no_grad():
+                self.base.weight.copy_(self._w_orig)
+            self._w_orig = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fusing adapters into a model
+# ----------------------------------------------------------------------------------------------------------------
+
+class FusedAdapters:
+    """N adapters fused into one model. ``names`` are the task names, in order (== router labels)."""
+
+    def __init__(self, model: nn.Module, names: list[str], paths: list[Path], layers: dict[str, FusedLoRALinear],
+                 state: MixtureState, configs: list[dict]) -> None:
+        self.model = model
+        self.names = names
+        self.paths = paths
+        self.layers = layers
+        self.state = state
+        self.configs = configs
+        self.merged: torch.Tensor | None = None
+        self._detached = False
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"FusedAdapters(n={len(self.names)}, layers={len(self.layers)}, names={self.names})"
+
+    # weights ----------------------------------------------------------------------------------------------------
+    def weights_vector(self, mapping: dict[str, float] | None = None) -> torch.Tensor:
+        """A dense (N,) weight vector from ``{task: weight}`` (unknown task -> DLPError)."""
+        w = torch.zeros(len(self.names))
+        for task, v in (mapping or {}).items():
+            if task not in self.names:
+                raise DLPError(f"weights: unknown task {task!r} (adapters: {', '.join(self.names)})")
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise DLPError(f"weights: task {task!r}: weight {v!r} is not a number") from None
+            if not math.isfinite(v) or v < 0:
+                raise DLPError(f"weights: task {task!r}: weight must be finite and >= 0, got {v}")
+            w[self.names.index(task)] = v
+        return w
+
+    def set_weights(self, weights: Any) -> None:
+        """Set the mixture: (B, N) per row or (B, S, N) per token for the next forward calls."""
+        self._alive()
+        self.state.set(weights)
+
+    def clear_weights(self) -> None:
+        """Back to the base model (merged weights, if any, stay merged)."""
+        self.state.clear()
+        for layer in self.layers.values():
+            layer.drop_caches()
+
+    @contextlib.contextmanager
+    def mixture(self, weights: Any) -> Iterator["FusedAdapters"]:
+        """``with fused.mixture(w): model(...)`` - weights apply inside the block; the previous ones after."""
+        prev = self.state.weights
+        self.set_weights(weights)
+        try:
+            yield self
+        finally:
+            if prev is None:
+                self.clear_weights()
+            else:
+                self.state.set(prev)
+
+    def _row(self, weights: Any, what: str) -> torch.Tensor:
+        if isinstance(weights, dict):
+            weights = self.weights_vector(weights)
+        w = torch.as_tensor(weights, dtype=torch.float32).detach().flatten().cpu() \
+            if not isinstance(weights, torch.Tensor) else weights.detach().float().cpu()
+        if w.dim() == 2 and w.shape[0] == 1:
+            w = w[0]
+        if w.dim() != 1 or w.shape[0] != len(self.names):
+            raise DLPError(f"{what}: expected {len(self.names)} weights (one per adapter), got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise DLPError(f"{what}: weights must be finite and >= 0")
+        return w
+
+    # merge mode -------------------------------------------------------------------------------------------------
+    def merge(self, weights_row: Any) -> None:
+        """Fold one mixture (N,) into the base weights (batch-1 generation: ≈0 per-token overhead). Merging again
+        replaces the previous mixture; ``unmerge`` restores W exactly."""
+        self._alive()
+        w = self._row(weights_row, "merge weights")
+        for layer in self.layers.values():
+            layer.merge(w.to(layer.A.device))
+        self.merged = w
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+        self.merged = None
+
+    # export -----------------------------------------------------------------------------------------------------
+    def export_mixture(self, weights: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the mixture Σ w_i s_i B_i A_i as ONE ordinary PEFT LoRA adapter of rank Σr_i (exact: the A's are
+        concatenated, the w_i·s_i-scaled B's concatenated; lora_alpha == r so PEFT's scale is 1)."""
+        self._alive()
+        w = self._row(weights, "export weights")
+        used = [i for i in range(len(self.names)) if float(w[i]) > 0]
+        if not used:
+            raise DLPError("export weights: all weights are zero (that mixture is the base model; nothing to export)")
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        for name, layer in self.layers.items():
+            As, Bs = [], []
+            for i in used:
+                r = layer.ranks[i]
+                if r:
+                    As.append(layer.A[i, :r].float().cpu())
+                    Bs.append(layer.Bt[i, :r].float().cpu().t() * float(w[i]))
+            if not As:
+                continue
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.cat(As, 0).contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.cat(Bs, 1).contiguous()
+            ranks[name] = sum(a.shape[0] for a in As)
+        counts: dict[int, int] = {}
+        for r in ranks.values():
+            counts[r] = counts.get(r, 0) + 1
+        r0 = max(counts, key=lambda r: (counts[r], r))
+        pattern = {re.escape(n): r for n, r in ranks.items() if r != r0}
+        cfg = LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=pattern,
+                         alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                         use_rslora=False,
+                         base_model_name_or_path=str(getattr(self.model.config, "name_or_path", "") or ""))
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            cfg.save_pretrained(str(tmp))
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            mix = {n: float(w[i]) for i, n in enumerate(self.names) if float(w[i]) > 0}
+            atomic_write_json(tmp / "dlp_mixture.json", {"mixture": mix, "rank": r0, "rank_pattern": ranks,
+                                                         "adapters": [str(self.paths[i]) for i in used]})
+        return Path(out_dir)
+
+    # detach -----------------------------------------------------------------------------------------------------
+    def detach(self) -> nn.Module:
+        """Remove the wrappers: the model holds its original ``nn.Linear`` objects (and exact weights) again."""
+        if self._detached:
+            return self.model
+        self.unmerge()
+        self.clear_weights()
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, layer.base)
+        self._detached = True
+        return self.model
+
+    def _alive(self) -> None:
+        if self._detached:
+            raise DLPError("fused adapters: already detached from the model")
+
+
+def fuse_adapters(model: nn.Module, adapter_dirs: Sequence[str | os.PathLike], names: Sequence[str] | None = None,
+                  ) -> FusedAdapters:
+    """Wrap every linear layer targeted by any adapter with a :class:`FusedLoRALinear` (in place; no copy of the
+    base model). Modules are found from the PEFT tensor names, so any HF causal LM works."""
+    dirs = [Path(d) for d in adapter_dirs]
+    if not dirs:
+        raise DLPError("adapters: no adapter folders given")
+    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+        raise DLPError("model: adapters are already fused into this model (call detach() first)")
+    adapters = [read_adapter(d) for d in dirs]
+    task_names = list(names) if names is not None else [a["name"] for a in adapters]
+    if len(task_names) != len(adapters):
+        raise DLPError(f"adapters: {len(adapters)} folders but {len(task_names)} names")
+    seen: dict[str, Path] = {}
+    for a, n in zip(adapters, task_names):
+        if n in seen:
+            raise DLPError(f"{a['path']}: task {n!r} also used by adapter {seen[n]}")
+        seen[n] = a["path"]
+    n = len(adapters)
+    # check every adapter against the base model before touching it
+    targets: dict[str, nn.Linear] = {}
+    for a in adapters:
+        for mod, (A, B, _) in a["modules"].items():
+            try:
+                m = model.get_submodule(mod)
+            except AttributeError:
+                raise DLPError(f"{a['path']}: module {mod}: not found in the base model "
+                               "(adapter trained on another base model?)") from None
+            if not isinstance(m, nn.Linear):
+                raise DLPError(f"{a['path']}: module {mod}: is a {type(m).__name__}, only nn.Linear can be fused")
+            if A.shape[1] != m.in_features or B.shape[0] != m.out_features:
+                raise DLPError(f"{a['path']}: module {mod}: adapter shape {B.shape[0]}x{A.shape[1]} does not match "
+                               f"the base layer {m.out_features}x{m.in_features} (adapter trained on another base model?)")
+            targets[mod] = m
+    device = next(model.parameters()).device
+    state = MixtureState(n, device)
+    layers: dict[str, FusedLoRALinear] = {}
+    for mod in sorted(targets):
+        base = targets[mod]
+        ranks = [a["modules"][mod][0].shape[0] if mod in a["modules"] else 0 for a in adapters]
+        r = max(ranks)
+        A = torch.zeros(n, r, base.in_features)
+        Bt = torch.zeros(n, r, base.out_features)
+        for i, a in enumerate(adapters):
+            if mod in a["modules"]:
+                Ai, Bi, s = a["modules"][mod]
+                A[i, :ranks[i]] = Ai
+                Bt[i, :ranks[i]] = (Bi * s).t()
+        wdt, wdev = base.weight.dtype, base.weight.device
+        layer = FusedLoRALinear(base, A.to(wdev, wdt), Bt.to(wdev, wdt), ranks, state, name=mod)
+        layers[mod] = layer
+    for mod, layer in layers.items():
+        parent_name, _, child = mod.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return FusedAdapters(model, task_names, [a["path"] for a in adapters], layers, state,
+                         [a["config"] for a in adapters])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random adapters (tests, benchmarks)
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_random_adapter(model: nn.Module, out_dir: str | os.PathLike, rank: int = 8, alpha: float = 16,
+                        target_modules: Sequence[str] | str = ("q_proj", "v_proj"), seed: int = 0,
+                        use_rslora: bool = False, task: str | None = None, overwrite: bool = True) -> Path:
+    """Write a PEFT-format LoRA adapter with non-zero random A and B (``init_lora_weights=False``) for ``model``,
+    plus ``dlp_task.json`` ``{"task": ...}``. The model is left exactly as it was (PEFT layers are unloaded)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .models import model_identity
+
+    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+        raise DLPError("model: detach the fused adapters before making a random adapter")
+    out = Path(out_dir)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
+                     init_lora_weights=False, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    had_cfg = "peft_config" in model.__dict__
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pm = get_peft_model(model, cfg)
+    try:
+        with torch.no_grad():  # make B clearly non-zero and seed-determined on every device
+            gen = torch.Generator().manual_seed(seed + 1)
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1])).to(p.dtype))
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            pm.save_pretrained(str(tmp), safe_serialization=True)
+            atomic_write_json(tmp / TASK_FILE, {"task": task or out.name, "base_model": model_identity(model),
+                                                "random": True, "seed": seed})
+    finally:
+        pm.unload()
+        if not had_cfg and "peft_config" in model.__dict__:
+            del model.__dict__["peft_config"]
+        model.train(was_training)
+    return out

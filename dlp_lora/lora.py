@@ -1,0 +1,536 @@
+"""Train one task LoRA on Q/A data with PEFT + the transformers ``Trainer`` (``dlp-lora train-lora``).
+
+The seed's page 1 ("Basic LoRA Training"), done on any Hugging Face causal LM:
+
+* prompts go through :func:`dlp_lora.data.format_prompt` (chat template or plain form) exactly as at inference;
+  the answer follows with the model's EOS appended, and the loss is taken on answer tokens only (prompt and
+  padding labels are -100);
+* no hand-written loop and no hand-written DDP: ``Trainer`` does the loop, so ``accelerate launch`` / ``torchrun``
+  (DDP, DeepSpeed, FSDP) work unchanged; only the main process writes the final artifact;
+* checkpoints (Trainer's ``checkpoint-N`` folders) live in a hidden work folder ``.<name>.partial`` beside the
+  output, so ``resume=True`` continues after a crash or kill; the final adapter is always saved at the end (the
+  seed saved only every 2001 steps) into a temp sibling folder that is renamed into place, so an interrupted run
+  never leaves a folder that looks finished.
+
+Output folder (an ordinary PEFT adapter that ``PeftModel.from_pretrained`` loads)::
+
+    adapter_config.json  adapter_model.safetensors  dlp_task.json  train_config.json
+
+A run folder holds ``adapters/<task>/`` per task and ``adapters.txt`` (one adapter folder a line, relative to the
+file's folder; the seed's "LoRA pathList.txt"), read back by :func:`read_adapter_list`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import (DLPError, LoRATrainConfig, atomic_dir, atomic_write_json, atomic_write_text, config_to_dict,
+                     save_config)
+from .data import TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TASK_META = "dlp_task.json"
+TRAIN_CONFIG = "train_config.json"
+ADAPTER_LIST = "adapters.txt"
+RESUME_INFO = "dlp_resume.json"     # inside the work folder: what a resumed run must match
+IGNORE_INDEX = -100                 # label value the causal-LM loss ignores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_main_process() -> bool:
+    """True in a plain process and in rank 0 of a ``torchrun`` / ``accelerate launch`` job (reads ``RANK``)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def work_dir_for(out_dir: str | os.PathLike) -> Path:
+    """The hidden work folder beside ``out_dir`` that holds Trainer checkpoints until the adapter is final."""
+    out = Path(out_dir).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+def is_finished_adapter(out_dir: str | os.PathLike) -> bool:
+    """A folder written by :func:`train_adapter` to the end (adapter weights and ``dlp_task.json`` present)."""
+    out = Path(out_dir)
+    return all((out / f).is_file() for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_summary(out_dir: str | os.PathLike, meta: dict | None = None) -> str:
+    """One line summarising a trained adapter: steps, loss start -> end, time, adapter size."""
+    meta = meta if meta is not None else read_task_meta(out_dir)
+    steps = meta.get("steps") or 0
+    secs = float(meta.get("train_seconds") or 0.0)
+    per = f", {secs / steps:.2f} s/step" if steps else ""
+    ls, le = meta.get("loss_start"), meta.get("loss_end")
+    loss = f"loss {ls:.4f} -> {le:.4f}" if isinstance(ls, (int, float)) and isinstance(le, (int, float)) else "loss n/a"
+    size = _human_bytes(int(meta.get("adapter_bytes") or 0))
+    return f"{meta.get('task')}: {steps} steps, {loss}, {secs:.1f}s{per}, adapter {size} -> {out_dir}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation and collation (answer-only loss)
+# ----------------------------------------------------------------------------------------------------------------
+
+def answer_eos_id(model, tokenizer) -> int:
+    """The token appended after every answer: the tokenizer's EOS when generation stops on it (for chat models
+    this is the end-of-turn token, e.g. ``<|im_end|>``), else the first EOS of ``generation_config``."""
+    from .models import eos_token_ids
+
+    ids = eos_token_ids(model, tokenizer)
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) in ids:
+        return int(tokenizer.eos_token_id)
+    if not ids:
+        raise DLPError("model: no EOS token in the tokenizer or generation_config (cannot mark answer ends)")
+    return ids[0]
+
+
+def tokenize_task(task: TaskData, tokenizer, eos_id: int, max_length: int) -> tuple[list[dict], int]:
+    """Token ids and labels per record: ``prompt + answer + EOS`` with prompt labels set to -100.
+
+    The prompt is tokenised alone, as the inference side tokenises it, so the answer tokens the model learns are
+    the ones it must generate after exactly those prompt tokens. Records longer than ``max_length`` are cut at
+    the end; records left with no answer token are dropped. Returns ``(features, dropped)``.
+    """
+    feats: list[dict] = []
+    dropped = 0
+    for rec in task.records:
+        prompt_ids = list(tokenizer(format_prompt(tokenizer, rec.question))["input_ids"])
+        answer_ids = list(tokenizer(rec.answer, add_special_tokens=False)["input_ids"]) + [eos_id]
+        ids = (prompt_ids + answer_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+        if all(l == IGNORE_INDEX for l in labels):
+            dropped += 1
+            continue
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats, dropped
+
+
+def collate(features: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad a batch: ``input_ids`` with ``pad_id``, ``labels`` with -100, ``attention_mask`` 0 on padding.
+
+    Padding is marked by the mask, never by the pad id: many models use EOS as pad, and the answer's EOS
+    must keep its label.
+    """
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Target modules
+# ----------------------------------------------------------------------------------------------------------------
+
+def _linear_kinds() -> tuple:
+    import torch
+
+    kinds: tuple = (torch.nn.Linear,)
+    try:  # GPT-2 style models use Conv1D for their projections
+        from transformers.pytorch_utils import Conv1D
+        kinds = kinds + (Conv1D,)
+    except ImportError:  # pragma: no cover
+        pass
+    return kinds
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names (last dotted component) of the model's linear layers that a LoRA can target, in model order.
+
+    The output head is left out (PEFT's ``all-linear`` leaves it out too).
+    """
+    kinds = _linear_kinds()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, kinds) and mod is not out_emb:
+            short = name.rsplit(".", 1)[-1]
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def check_target_modules(model, targets: list[str] | str, where: str = "model") -> None:
+    """Raise a one-line DLPError naming the available linear modules when a requested target does not exist
+    (PEFT's rule: a target matches a module whose full name equals it or ends with ``.<target>``)."""
+    if targets == "all-linear":
+        return
+    kinds = _linear_kinds()
+    mods = list(model.named_modules())
+    available = ", ".join(linear_module_names(model))
+    for t in targets:
+        hits = [m for n, m in mods if n == t or n.endswith("." + t)]
+        if not hits:
+            raise DLPError(f"{where}: target module {t!r} not found in the model "
+                           f"(available linear modules: {available}; or all-linear)")
+        if not any(isinstance(m, kinds) for m in hits):
+            raise DLPError(f"{where}: target module {t!r} is not a linear layer "
+                           f"(available linear modules: {available}; or all-linear)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training one adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+def _use_bf16(precision: str) -> bool:
+    import torch
+
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _loss_history(log_history: list[dict]) -> tuple[float | None, float | None]:
+    losses = [float(h["loss"]) for h in log_history if "loss" in h]
+    return (losses[0], losses[-1]) if losses else (None, None)
+
+
+def _resume_info(task: TaskData, data_sha: str, config: LoRATrainConfig, identity: dict) -> dict:
+    # What a resumed run must share with the interrupted one (how often to save/log may change).
+    cfg = {k: v for k, v in config_to_dict(config).items() if k not in ("save_steps", "logging_steps")}
+    return {"task": task.name, "data_sha256": data_sha, "config": cfg, "base_fingerprint": identity.get("fingerprint")}
+
+
+def _last_checkpoint(work: Path) -> Path | None:
+    best: tuple[int, Path] | None = None
+    if work.is_dir():
+        for p in work.iterdir():
+            if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit() \
+                    and (p / "trainer_state.json").is_file():
+                step = int(p.name[11:])
+                if best is None or step > best[0]:
+                    best = (step, p)
+    return best[1] if best else None
+
+
+def train_adapter(model_spec: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  task: str | None = None, config: LoRATrainConfig | None = None, overwrite: bool = False,
+                  resume: bool = False, progress: bool = True, metric: str | None = None,
+                  callbacks: list | None = None) -> Path:
+    """Train one LoRA on a task file and write it to ``out_dir`` (PEFT format + ``dlp_task.json`` +
+    ``train_config.json``); return ``out_dir``.
+
+    ``overwrite`` replaces a finished adapter; ``resume`` continues from the last checkpoint of an interrupted
+    run (and returns at once when ``out_dir`` is already finished). ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects (tests and users use them to watch or stop training).
+    Runs unchanged under ``accelerate launch`` / ``torchrun``: every process trains, only the main one writes.
+    """
+    config = config if config is not None else LoRATrainConfig()
+    if not isinstance(config, LoRATrainConfig):
+        raise DLPError(f"config: expected LoRATrainConfig, got {type(config).__name__}")
+    out = Path(out_dir).absolute()
+    work = work_dir_for(out)
+
+    # Cheap checks first: data and output folder, before any model is loaded.
+    data_path = Path(data_path).absolute()
+    task_data = read_task(data_path, task=task, metric=metric)
+    if out.exists() and not out.is_dir():
+        raise DLPError(f"{out}: output exists and is a file")
+    if resume and is_finished_adapter(out):
+        if progress and is_main_process():
+            print(f"{out}: already trained (resume): kept")
+        return out
+    if out.exists() and not overwrite:
+        what = "already holds an adapter" if (out / ADAPTER_CONFIG).exists() else "already exists"
+        raise DLPError(f"{out}: {what} (pass --overwrite to replace it)")
+
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from .models import load_model, model_identity
+
+    data_sha = file_sha256(data_path)
+    use_bf16 = _use_bf16(config.precision)
+    # Base weights stay frozen; in bf16 mode they are held in bf16 (half the memory) while PEFT keeps the
+    # LoRA weights in fp32 and Trainer autocasts (standard mixed precision). The model is loaded on the CPU;
+    # Trainer moves it to this process's device (one GPU per process under accelerate/torchrun).
+    model, tokenizer = load_model(model_spec, device="cpu", dtype="bf16" if use_bf16 else "fp32")
+    identity = model_identity(model)
+    targets = config.target_list()
+    check_target_modules(model, targets, where=f"{model_spec}")
+    eos_id = answer_eos_id(model, tokenizer)
+    feats, dropped = tokenize_task(task_data, tokenizer, eos_id, config.max_length)
+    if not feats:
+        raise DLPError(f"{data_path}: no record keeps an answer token within max_length={config.max_length}")
+    if dropped and progress and is_main_process():
+        print(f"{data_path}: {dropped} record(s) dropped (prompt longer than max_length={config.max_length})")
+
+    from peft import LoraConfig, get_peft_model
+
+    set_seed(config.seed)  # LoRA A init and dropout are drawn from here
+    lora_cfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=targets, use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora_cfg)
+    except ValueError as e:  # PEFT's own target check (e.g. a name matching a non-linear module)
+        raise DLPError(f"{model_spec}: cannot add LoRA: {str(e).splitlines()[0]}") from None
+    model.train()
+
+    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate only
+    # builds a CPU process group (gloo) when told "cpu", otherwise each process would silently train alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work),             # every file Trainer writes stays in the work folder
+        use_cpu=multi_cpu,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # < 1: a fraction of the schedule (transformers 5)
+        lr_scheduler_type="linear",
+        logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        bf16=use_bf16,
+        seed=config.seed, data_seed=config.seed,
+        report_to="none", push_to_hub=False,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,       # our features are already model inputs
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # frozen base: only LoRA weights take gradients
+    )
+    _ = args.device  # sets up the (possibly distributed) process state before we coordinate on files
+    from accelerate import PartialState
+
+    state = PartialState()
+    main = state.is_main_process
+    info = _resume_info(task_data, data_sha, config, identity)
+    checkpoint = None
+    if resume:
+        checkpoint = _last_checkpoint(work)
+        if checkpoint is not None:
+            try:
+                saved = json.loads((work / RESUME_INFO).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                saved = None
+            if saved != info:
+                raise DLPError(f"{work}: the interrupted run used other data, options or base model "
+                               f"(rerun without --resume to start over)")
+            if progress and main:
+                print(f"resuming from {checkpoint}")
+    if checkpoint is None:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)  # a stale partial run from other options/data
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(work / RESUME_INFO, info)
+        state.wait_for_everyone()
+
+    trainer = Trainer(model=model, args=args, train_dataset=feats,
+                      data_collator=functools.partial(collate, pad_id=int(tokenizer.pad_token_id)),
+                      callbacks=list(callbacks or []))
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-log dict prints
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.time() - t0
+
+    # Every process takes part in the save (FSDP/DeepSpeed gather the weights); only the main one writes.
+    final_stage = work / "final"
+    trainer.save_model(str(final_stage))
+    state.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        loss_start, loss_end = _loss_history(trainer.state.log_history)
+        with atomic_dir(out, overwrite=True) as tmp:
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):  # not Trainer's pickled training_args.bin
+                if not (final_stage / name).is_file():
+                    raise DLPError(f"{final_stage}: Trainer did not write {name}")
+                shutil.copy2(final_stage / name, tmp / name)
+            meta = {
+                "task": task_data.name,
+                "data_file": str(data_path),
+                "data_sha256": data_sha,
+                "records": len(task_data.records),
+                "records_used": len(feats),
+                "metric": task_data.metric,
+                "choices": task_data.choices,
+                "steps": int(trainer.state.global_step),
+                "epochs": float(trainer.state.epoch or 0.0),
+                "world_size": int(args.world_size),
+                "loss_start": loss_start,
+                "loss_end": loss_end,
+                "base_model": identity,
+                "train_seconds": round(train_seconds, 3),
+                "adapter_bytes": (tmp / ADAPTER_WEIGHTS).stat().st_size,
+                "resumed_from_step": int(checkpoint.name[11:]) if checkpoint else 0,
+            }
+            atomic_write_json(tmp / TASK_META, meta)
+            save_config(config, tmp / TRAIN_CONFIG)
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    model.eval()
+    return out
+
+
+def train_adapters(model_spec: str | os.PathLike, data_dir: str | os.PathLike, run_dir: str | os.PathLike,
+                   config: LoRATrainConfig | None = None, overwrite: bool = False, resume: bool = False,
+                   progress: bool = True, callbacks: list | None = None) -> Path:
+    """Train one adapter per task file of ``data_dir`` (sorted by file name) into ``run_dir/adapters/<task>/``
+    and write ``run_dir/adapters.txt`` in the same order; return ``run_dir``.
+
+    With ``resume`` finished adapters are skipped and an interrupted one continues from its last checkpoint.
+    """
+    config = config if config is not None else LoRATrainConfig()
+    run = Path(run_dir).absolute()
+    tasks = read_task_dir(data_dir)           # validates every file and unique names before any training
+    files = task_files(data_dir)
+    outs = [run / "adapters" / t.name for t in tasks]
+    if not overwrite and not resume:
+        for o in outs:
+            if o.exists():
+                raise DLPError(f"{o}: already exists (pass --overwrite to replace it, or --resume to continue)")
+    for i, (f, t, o) in enumerate(zip(files, tasks, outs), 1):
+        if progress and is_main_process():
+            print(f"[{i}/{len(tasks)}] task {t.name}: {f}")
+        train_adapter(model_spec, f, o, task=t.name, config=config, overwrite=overwrite, resume=resume,
+                      progress=progress, callbacks=callbacks)
+    if is_main_process():
+        write_adapter_list(run / ADAPTER_LIST, outs)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter lists and folders
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_adapter_list(path: str | os.PathLike, dirs: Iterable[str | os.PathLike]) -> Path:
+    """Write ``adapters.txt``: one folder a line, relative to the file's folder when inside it (atomic)."""
+    path = Path(path).absolute()
+    lines = []
+    for d in dirs:
+        d = Path(d).absolute()
+        try:
+            rel = d.relative_to(path.parent)
+            lines.append(rel.as_posix())
+        except ValueError:
+            lines.append(str(d))
+    if not lines:
+        raise DLPError(f"{path}: no adapter folders to list")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_adapter_list(path_or_list: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Adapter folders from ``adapters.txt``, a run folder (``RUN/adapters.txt``) or a list of folders.
+
+    In the file blank lines and ``#`` comments are ignored and relative paths resolve against the file's folder.
+    Every folder must exist; duplicates are refused (the order defines the router's labels).
+    """
+    if isinstance(path_or_list, (list, tuple)):
+        dirs = [Path(p).absolute() for p in path_or_list]
+        if not dirs:
+            raise DLPError("adapters: empty list of adapter folders")
+        for d in dirs:
+            if not d.is_dir():
+                raise DLPError(f"{d}: adapter folder not found")
+        if len(set(dirs)) != len(dirs):
+            raise DLPError("adapters: the same adapter folder is listed twice")
+        return dirs
+    path = Path(path_or_list)
+    if path.is_dir():
+        if not (path / ADAPTER_LIST).is_file():
+            raise DLPError(f"{path}: no {ADAPTER_LIST} (expected a run folder or an {ADAPTER_LIST} file)")
+        path = path / ADAPTER_LIST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DLPError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    base = path.absolute().parent
+    dirs: list[Path] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        d = Path(line).expanduser()
+        d = d if d.is_absolute() else base / d
+        d = Path(os.path.normpath(d))
+        if not d.exists():
+            raise DLPError(f"{path}: line {n}: {line}: not found")
+        if not d.is_dir():
+            raise DLPError(f"{path}: line {n}: {line}: not a folder")
+        if d in dirs:
+            raise DLPError(f"{path}: line {n}: {line}: listed twice")
+        dirs.append(d)
+    if not dirs:
+        raise DLPError(f"{path}: no adapter folders listed")
+    return dirs
+
+
+def check_adapter_dir(adapter_dir: str | os.PathLike) -> dict:
+    """Parsed ``adapter_config.json`` of a PEFT LoRA folder; a one-line DLPError for anything else."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise DLPError(f"{d}: adapter folder not found")
+    cfg_path = d / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise DLPError(f"{d}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DLPError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict):
+        raise DLPError(f"{cfg_path}: expected a JSON object")
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        raise DLPError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} is not a LoRA adapter")
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        extra = " (pickled adapter_model.bin is never loaded)" if (d / "adapter_model.bin").exists() else ""
+        raise DLPError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
+    for key in ("r", "target_modules"):
+        if key not in cfg:
+            raise DLPError(f"{cfg_path}: field {key!r}: missing")
+    return cfg
+
+
+def read_task_meta(adapter_dir: str | os.PathLike) -> dict:
+    """``dlp_task.json`` of an adapter; for adapters trained elsewhere, metadata derived from the folder name
+    (task = folder name, metric ``exact``, no choices)."""
+    d = Path(adapter_dir)
+    p = d / TASK_META
+    if not p.is_file():
+        return {"task": d.absolute().name, "metric": "exact", "choices": None, "derived": True}
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DLPError(f"{p}: cannot read ({e.__class__.__name__})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise DLPError(f"{p}: field 'task': missing or not a string")
+    return meta
+
+
+def adapter_summary(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Config + task metadata of an adapter folder (for listings)."""
+    cfg = check_adapter_dir(adapter_dir)
+    meta = read_task_meta(adapter_dir)
+    return {"task": meta.get("task"), "r": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
+            "target_modules": cfg.get("target_modules"), "steps": meta.get("steps"), "path": str(adapter_dir)}

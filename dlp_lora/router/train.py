@@ -1,0 +1,416 @@
+"""Train a router on router data, save it, and load it back as :class:`Router` (DESIGN §5, issue 4 items 2-3).
+
+Router folder (the contract between ``train-router`` and the pipeline)::
+
+    router.safetensors   the weights (safetensors only; never pickles)
+    config.json          the resolved RouterConfig: kind, sizes, vocab_size, num_labels, tokenizer identity
+    labels.json          task names; label i == adapter i of adapters.txt
+    tokenizer/           the tokenizer the router reads (save_pretrained); for the mini-MLP: the base LLM's
+    hf/config.json       albert/distilroberta only: the architecture
+    metrics.json         val/test accuracy, per-task test accuracy, confusion matrix, train seconds, params
+    confusion.png        the test confusion matrix (row-normalised), so task collisions are visible
+
+Training: AdamW, shuffled mini-batches, validation accuracy after every epoch, early stopping after
+``patience`` epochs without improvement, best weights kept. Texts are tokenised once, in batch, before the
+first epoch. The mini-MLP's embedding table gets sparse gradients (only the rows of the batch's tokens are
+touched), which keeps a CPU epoch over tens of thousands of sentences to about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DLPError, RouterConfig, atomic_dir, atomic_write_json, load_config, save_config
+from .data import COMPOSITE_FILE, LABELS_FILE, adapter_task_names, check_label_order, read_labels, \
+    read_router_data, read_router_file
+from .hf import HF_KINDS, build_hf_router, hf_logits, rebuild_hf_router, special_ids
+from .mlp import Encoded, MiniMLPRouter, TokenEncoder, count_params, drop_tokens
+
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTER_FILES = ("config.json", LABELS_FILE, ROUTER_WEIGHTS, "tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared forward helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pad_id(model, kind: str) -> int:
+    if kind == "mlp":
+        return 0
+    pad = model.config.pad_token_id
+    return int(pad) if pad is not None else 0
+
+
+def _forward(model, kind: str, enc: Encoded, idx: torch.Tensor, pad_id: int, token_dropout: float = 0.0,
+             generator: torch.Generator | None = None, crop_prob: float = 0.0) -> torch.Tensor:
+    if kind == "mlp":
+        ids, offsets = enc.cropped(idx, crop_prob, generator=generator) if crop_prob else enc.flat(idx)
+        if token_dropout:
+            ids, offsets = drop_tokens(ids, offsets, token_dropout, generator)
+        return model(ids, offsets)
+    ids, mask = enc.padded(idx, pad_id)
+    return hf_logits(model, ids, mask)
+
+
+def _predict_logits(model, kind: str, enc: Encoded, batch_size: int, pad_id: int) -> torch.Tensor:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(enc), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(enc)))
+            out.append(_forward(model, kind, enc, idx, pad_id).float())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+def _build_model(config: RouterConfig, num_labels: int, base_tokenizer):
+    if config.kind == "mlp":
+        if config.pretrained:
+            raise DLPError("--pretrained is for albert/distilroberta routers; the mini-MLP is trained from scratch")
+        model = MiniMLPRouter(len(base_tokenizer), num_labels, config.embed_dim, config.hidden_dim,
+                              config.mlp_dropout, config.activation, config.embed_init_std, config.pooling)
+        # Sparse embedding gradients: a batch touches a few hundred of the ~50k rows.
+        model.embed.sparse = True
+        return model, base_tokenizer, "base"
+    return build_hf_router(config, num_labels, base_tokenizer)
+
+
+def _encoder_for(model, config: RouterConfig, tokenizer, source: str) -> TokenEncoder:
+    if config.kind == "mlp":
+        return TokenEncoder(tokenizer, config.max_tokens)
+    prefix, suffix = special_ids(tokenizer, source)
+    return TokenEncoder(tokenizer, config.max_tokens, prefix, suffix)
+
+
+def _optimizers(model, config: RouterConfig) -> list[torch.optim.Optimizer]:
+    if config.kind == "mlp":
+        emb = [model.embed.weight]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("embed.")]
+        return [torch.optim.SparseAdam(emb, lr=config.learning_rate),
+                torch.optim.AdamW(rest, lr=config.learning_rate, weight_decay=0.01)]
+    return [torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)]
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
+
+
+def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out_dir: str | os.PathLike,
+                 config: RouterConfig = RouterConfig(), overwrite: bool = False, progress: bool = True,
+                 adapters=None) -> Path:
+    """Train a router on ``data_dir`` (from ``make_router_data``) with the tokenizer of ``model_spec`` and write
+    the router folder ``out_dir`` (see the module doc). ``adapters`` (optional adapters.txt / run folder /
+    list): refuse router data whose labels differ from the adapters' task names."""
+    from tqdm.auto import tqdm
+
+    from ..models import load_tokenizer, tokenizer_identity
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise DLPError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    labels, splits = read_router_data(data_dir)
+    if adapters is not None:
+        check_label_order(labels, adapter_task_names(adapters), f"{Path(data_dir) / LABELS_FILE}")
+    base_tok = load_tokenizer(model_spec)
+    base_id = tokenizer_identity(base_tok)
+    torch.manual_seed(config.seed)
+    model, tok, source = _build_model(config, len(labels), base_tok)
+    encoder = _encoder_for(model, config, tok, source)
+    pad_id = _pad_id(model, config.kind)
+    t0 = time.time()
+    enc = {s: encoder.encode([r["text"] for r in rows]) for s, rows in splits.items()}
+    y = {s: torch.tensor([r["label"] for r in rows], dtype=torch.int64) for s, rows in splits.items()}
+    tokenize_seconds = time.time() - t0
+    n_params = count_params(model)
+    if progress:
+        print(f"router: {config.kind}, {n_params:,} parameters, {len(labels)} tasks, vocabulary {len(tok):,}, "
+              f"{len(enc['train'])} train / {len(enc['val'])} val / {len(enc['test'])} test records")
+
+    opts = _optimizers(model, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    n = len(enc["train"])
+    has_val = len(enc["val"]) > 0
+    best = (-1.0, float("inf"))
+    best_state, best_epoch, bad, history = None, 0, 0, []
+    bar = tqdm(range(1, config.epochs + 1), desc="train router", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total, steps = 0.0, 0
+        for i in range(0, n, config.batch_size):
+            idx = perm[i: i + config.batch_size]
+            logits = _forward(model, config.kind, enc["train"], idx, pad_id, config.token_dropout, gen,
+                              config.crop_prob)
+            loss = F.cross_entropy(logits, y["train"][idx])
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            total += float(loss.detach())
+            steps += 1
+        if has_val:
+            vlog = _predict_logits(model, config.kind, enc["val"], 1024, pad_id)
+            vacc, vloss = _accuracy(vlog, y["val"]), float(F.cross_entropy(vlog, y["val"]))
+        else:  # no validation split: keep the last epoch
+            vacc, vloss = float(epoch), 0.0
+        history.append({"epoch": epoch, "train_loss": total / max(steps, 1),
+                        **({"val_accuracy": vacc, "val_loss": vloss} if has_val else {})})
+        bar.set_postfix(loss=f"{total / max(steps, 1):.4f}", **({"val_acc": f"{vacc:.4f}"} if has_val else {}))
+        if vacc > best[0] or (vacc == best[0] and vloss < best[1] - 1e-6):
+            best, best_epoch, bad = (vacc, vloss), epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= config.patience:
+                break
+    bar.close()
+    train_seconds = time.time() - t0
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    if config.kind == "mlp":
+        model.embed.sparse = False
+
+    metrics = _evaluate(model, config.kind, enc, y, labels, pad_id)
+    metrics.update({
+        "kind": config.kind, "params": n_params, "epochs_run": len(history), "best_epoch": best_epoch,
+        "train_seconds": round(train_seconds, 3), "tokenize_seconds": round(tokenize_seconds, 3),
+        "records": {s: len(e) for s, e in enc.items()}, "history": history, "data": str(Path(data_dir).absolute()),
+        "model": str(model_spec), "base_tokenizer": base_id, "tokenizer_source": source,
+        "torch_threads": torch.get_num_threads(),
+    })
+    comp = Path(data_dir) / COMPOSITE_FILE
+    if comp.is_file():
+        metrics["composite"] = _composite_metrics(model, config.kind, encoder, comp, labels, pad_id)
+
+    resolved = dataclasses.replace(config, vocab_size=len(tok), num_labels=len(labels),
+                                   tokenizer=tokenizer_identity(tok), tokenizer_source=source)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / ROUTER_WEIGHTS))
+        save_config(resolved, tmp / "config.json")
+        atomic_write_json(tmp / LABELS_FILE, labels)
+        tok.save_pretrained(tmp / "tokenizer")
+        if config.kind in HF_KINDS:
+            model.config.save_pretrained(tmp / "hf")
+        atomic_write_json(tmp / "metrics.json", metrics)
+        plot_confusion(metrics["confusion"], labels, tmp / "confusion.png",
+                       title=f"router {config.kind}: {metrics['confusion_split']} accuracy "
+                             f"{metrics.get(metrics['confusion_split'] + '_accuracy', float('nan')):.4f}")
+    return out_dir
+
+
+def _evaluate(model, kind: str, enc: dict, y: dict, labels: list[str], pad_id: int) -> dict:
+    out: dict = {}
+    logits = {s: _predict_logits(model, kind, enc[s], 1024, pad_id) for s in ("train", "val", "test") if len(enc[s])}
+    for s, lg in logits.items():
+        out[f"{s}_accuracy"] = _accuracy(lg, y[s])
+    split = "test" if "test" in logits else ("val" if "val" in logits else "train")
+    pred, true = logits[split].argmax(-1), y[split]
+    n = len(labels)
+    conf = torch.zeros(n, n, dtype=torch.int64)
+    conf.index_put_((true, pred), torch.ones_like(true), accumulate=True)
+    out["confusion_split"] = split
+    out["confusion"] = conf.tolist()
+    out["per_task_accuracy"] = {labels[i]: (float(conf[i, i] / conf[i].sum()) if conf[i].sum() else None)
+                                for i in range(n)}
+    valid = [v for v in out["per_task_accuracy"].values() if v is not None]
+    out["mean_task_accuracy"] = sum(valid) / len(valid) if valid else None
+    pairs = [(labels[i], labels[j], int(conf[i, j])) for i in range(n) for j in range(n) if i != j and conf[i, j]]
+    out["confusions"] = [{"true": a, "predicted": b, "count": c} for a, b, c in sorted(pairs, key=lambda t: -t[2])]
+    return out
+
+
+def _composite_metrics(model, kind: str, encoder: TokenEncoder, path: Path, labels: list[str], pad_id: int) -> dict:
+    """On multi-task composite samples: how many of the sample's tasks are among the router's top-k (k = number
+    of tasks in the sample), and how often top-p 0.8 selection keeps them all (paper Fig. 1 style)."""
+    from .select import select_top_p
+
+    rows = read_router_file(path, labels, allow_empty=True)
+    rows = [r for r in rows if isinstance(r.get("labels"), list)]
+    if not rows:
+        return {}
+    enc = encoder.encode([r["text"] for r in rows])
+    probs = torch.softmax(_predict_logits(model, kind, enc, 1024, pad_id), -1)
+    w = select_top_p(probs, 0.8)
+    recall, all_kept = [], []
+    for i, r in enumerate(rows):
+        k = len(r["labels"])
+        top = set(probs[i].topk(min(k, probs.shape[1])).indices.tolist())
+        recall.append(len(top & set(r["labels"])) / k)
+        all_kept.append(all(w[i, j] > 0 for j in r["labels"]))
+    return {"samples": len(rows), "recall_at_k": sum(recall) / len(rows),
+            "top_p_0.8_keeps_all": sum(all_kept) / len(rows)}
+
+
+def plot_confusion(conf: Sequence[Sequence[int]], labels: list[str], out: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix as a PNG; counts printed in every non-empty cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = torch.tensor(conf, dtype=torch.float64)
+    norm = m / m.sum(1, keepdim=True).clamp_min(1)
+    n = len(labels)
+    size = max(4.0, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n > 12 else 9)
+    ax.set_yticks(range(n), labels, fontsize=7 if n > 12 else 9)
+    ax.set_xlabel("predicted task")
+    ax.set_ylabel("true task")
+    for i in range(n):
+        for j in range(n):
+            c = int(m[i, j])
+            if c:
+                ax.text(j, i, str(c), ha="center", va="center", fontsize=6 if n > 12 else 8,
+                        color="white" if norm[i, j] > 0.5 else ("red" if i != j else "black"))
+    if title:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: the Router the pipeline uses
+# ----------------------------------------------------------------------------------------------------------------
+
+class Router:
+    """A trained router: ``probs(texts) -> (B, N)`` float32 CPU tensor, rows sum to 1; ``labels`` in adapter order."""
+
+    def __init__(self, model, tokenizer, labels: list[str], config: RouterConfig, path: Path | None = None,
+                 device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.config = config
+        self.kind = config.kind
+        self.path = path
+        self.device = device
+        self.tokenizer_id = config.tokenizer
+        if self.kind == "mlp":
+            self.encoder = TokenEncoder(tokenizer, config.max_tokens)
+        else:
+            prefix, suffix = special_ids(tokenizer, config.tokenizer_source)
+            self.encoder = TokenEncoder(tokenizer, config.max_tokens, prefix, suffix)
+        self._pad = _pad_id(model, self.kind)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", expect_tokenizer=None) -> "Router":
+        """Load a router folder. ``expect_tokenizer`` (a tokenizer or its ``tokenizer_identity`` string): refuse a
+        router trained on another vocabulary than the base model's (mini-MLP / from-scratch routers)."""
+        from transformers import AutoTokenizer
+
+        from ..models import tokenizer_identity
+
+        path = Path(path)
+        if not path.is_dir():
+            raise DLPError(f"{path}: router folder not found")
+        for f in ROUTER_FILES:
+            if not (path / f).exists():
+                raise DLPError(f"{path}: not a router folder (missing {f})")
+        config = load_config(RouterConfig, path / "config.json")
+        labels = read_labels(path / LABELS_FILE)
+        if config.num_labels != len(labels):
+            raise DLPError(f"{path / 'config.json'}: field 'num_labels': {config.num_labels}, but labels.json has "
+                           f"{len(labels)} tasks")
+        if expect_tokenizer is not None and config.tokenizer_source == "base":
+            want = expect_tokenizer if isinstance(expect_tokenizer, str) else tokenizer_identity(expect_tokenizer)
+            if want != config.tokenizer:
+                raise DLPError(f"{path}: router was trained with another tokenizer/vocabulary ({config.tokenizer}) "
+                               f"than the base model's ({want}); train a router with this base model")
+        try:
+            tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+        except Exception as e:
+            raise DLPError(f"{path / 'tokenizer'}: cannot load the router's tokenizer ({e.__class__.__name__})") from None
+        if len(tok) != config.vocab_size:
+            raise DLPError(f"{path / 'tokenizer'}: vocabulary {len(tok)} differs from config.json's vocab_size "
+                           f"{config.vocab_size}")
+        if config.kind == "mlp":
+            model = MiniMLPRouter(config.vocab_size, config.num_labels, config.embed_dim, config.hidden_dim,
+                                  config.mlp_dropout, config.activation, pooling=config.pooling)
+        else:
+            model = rebuild_hf_router(path / "hf")
+        from safetensors.torch import load_model
+
+        try:
+            missing, unexpected = load_model(model, str(path / ROUTER_WEIGHTS), strict=False, device="cpu")
+        except Exception as e:
+            raise DLPError(f"{path / ROUTER_WEIGHTS}: cannot load the router weights ({e.__class__.__name__}: "
+                           f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        if missing or unexpected:
+            what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
+            raise DLPError(f"{path / ROUTER_WEIGHTS}: weights do not match config.json ({what})")
+        return cls(model, tok, labels, config, path, device)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def logits(self, texts: str | Sequence[str], batch_size: int = 4096) -> torch.Tensor:
+        """Raw logits ``(B, N)`` float32 on CPU."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        n = len(self.labels)
+        if not texts:
+            return torch.zeros(0, n)
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                chunk = texts[i: i + batch_size]
+                if self.kind == "mlp":
+                    ids, offsets = self.encoder.flat(chunk)
+                    outs.append(self.model(ids.to(self.device), offsets.to(self.device)))
+                else:
+                    enc = self.encoder.encode(chunk)
+                    ids, mask = enc.padded(torch.arange(len(chunk)), self._pad)
+                    outs.append(hf_logits(self.model, ids.to(self.device), mask.to(self.device)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.float().cpu()
+
+    def probs(self, texts: str | Sequence[str], batch_size: int = 4096) -> torch.Tensor:
+        """Task probabilities ``(B, N)`` float32 on CPU; each row sums to 1."""
+        with torch.inference_mode():
+            return torch.softmax(self.logits(texts, batch_size), dim=-1)
+
+    def predict(self, texts: str | Sequence[str]) -> list[str]:
+        """The most probable task name per text."""
+        return [self.labels[i] for i in self.logits(texts).argmax(-1).tolist()]
+
+    def check_labels(self, names: Sequence[str]) -> None:
+        """DLPError naming the first difference when ``names`` (adapter task names, in order) differ from labels."""
+        check_label_order(self.labels, list(names), str(self.path or "router"))
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.model)
+
+    def __repr__(self) -> str:
+        return f"Router(kind={self.kind!r}, labels={len(self.labels)}, path={str(self.path)!r})"
+
+
+def read_metrics(router_dir: str | os.PathLike) -> dict:
+    """``metrics.json`` of a router folder (empty dict when absent)."""
+    p = Path(router_dir) / "metrics.json"
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DLPError(f"{p}: cannot read ({e.__class__.__name__})") from None

@@ -1,0 +1,351 @@
+"""dlp-lora eval: the evaluation loop (fake pipeline for exact bookkeeping), the whole command on the tiny model
+with random adapters and a trained router (real pipeline), refusing to overwrite, and bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error
+from dlp_lora.config import DLPError
+from dlp_lora.data import QARecord, TaskData, write_task
+from dlp_lora.evaluate import evaluate, summary_markdown
+
+CHOICES = ["(A) red", "(B) blue", "(C) green"]
+TASKS = ("capitals", "colors", "echo")  # sorted: the order of adapters and router labels
+CITIES = ["Paris", "Rome", "Berlin", "Madrid", "Lisbon", "Vienna", "Athens", "Oslo", "Dublin", "Prague",
+          "Warsaw", "Bern", "Sofia", "Riga"]
+COUNTRIES = ["France", "Italy", "Germany", "Spain", "Portugal", "Austria", "Greece", "Norway", "Ireland",
+             "Czechia", "Poland", "Switzerland", "Bulgaria", "Latvia"]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "garden", "rocket", "violin",
+         "window", "forest", "silver"]
+
+
+def _tasks(n: int = 12) -> list[TaskData]:
+    cap = [QARecord(f"What is the capital city of {c}?", a) for c, a in zip(COUNTRIES[:n], CITIES[:n])]
+    col = [QARecord(f"Item {i}: which colour is a clear daytime sky? Options: (A) red (B) blue (C) green",
+                    "(B)" if i % 2 == 0 else "blue") for i in range(n)]
+    echo = [QARecord(f"Repeat the words: {w} {WORDS[(i + 3) % len(WORDS)]} and {WORDS[(i + 5) % len(WORDS)]}",
+                     f"{w} {WORDS[(i + 3) % len(WORDS)]} and {WORDS[(i + 5) % len(WORDS)]}")
+            for i, w in enumerate(WORDS[:n])]
+    return [TaskData("capitals", cap, metric="exact"), TaskData("colors", col, metric="accuracy", choices=CHOICES),
+            TaskData("echo", echo, metric="bleu_rouge")]
+
+
+def _write_tasks(folder: Path, tasks: list[TaskData]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in tasks:
+        write_task(folder / f"{t.name}.json", t)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake pipeline: the loop's bookkeeping checked exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeResult:
+    text: str
+    routing: list
+    prompt_tokens: int = 5
+    completion_tokens: int = 3
+    finish_reason: str = "stop"
+    seconds: float = 0.0
+
+
+class FakePipeline:
+    """Answers from a lookup: single (one-hot on the true task) and dlp answer right, base never, uniform only
+    for the MCQ task. dlp routes every 'Spain' question to 'echo' (top-1 wrong)."""
+
+    def __init__(self, tasks: list[TaskData]) -> None:
+        self.names = [t.name for t in tasks]
+        self.truth = {r.question: (t.name, r.answer) for t in tasks for r in t.records}
+        self.router = object()
+        self.tokenizer = None
+        self.model = None
+        self.calls: list[tuple[str, list[str], list]] = []
+
+    def generate(self, prompts, *, weights=None, top_p=0.8, weighting="paper", granularity="prompt",
+                 max_new_tokens=64, **kw):
+        out = []
+        kind = None
+        for j, q in enumerate(prompts):
+            task, answer = self.truth[q]
+            if weights is None:
+                kind = "dlp"
+                if "Spain" in q:
+                    routing = [{"sentence": q, "selected": ["echo", "capitals"], "weights": [0.55, 0.45],
+                                "probs": {"capitals": 0.35, "colors": 0.05, "echo": 0.6}}]
+                else:
+                    probs = {n: (0.9 if n == task else 0.05) for n in self.names}
+                    routing = [{"sentence": q, "selected": [task], "weights": [1.0], "probs": probs}]
+                out.append(FakeResult(answer, routing))
+                continue
+            row = [float(x) for x in weights[j]]
+            if max(row) == 0.0:
+                kind = "base"
+                out.append(FakeResult("I am not sure.", []))
+            elif max(row) == 1.0:
+                kind = "single"
+                assert self.names[row.index(1.0)] == task  # oracle: the task's own adapter
+                out.append(FakeResult(answer if task == "echo" else f"{answer}.", []))
+            else:
+                kind = "uniform"
+                assert all(abs(x - 1 / len(self.names)) < 1e-6 for x in row)
+                out.append(FakeResult("The answer is (B)." if task == "colors" else "no idea", []))
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        self.calls.append((kind, list(prompts), budgets))
+        return out
+
+
+def test_evaluate_loop_with_fake_pipeline(tmp_path):
+    tasks = _tasks(6)
+    test_dir = _write_tasks(tmp_path / "test", tasks)
+    fake = FakePipeline(tasks)
+    out = tmp_path / "TestOutputs" / "fake"
+    summary = evaluate(None, data_dir=test_dir, out_dir=out, pipeline=fake, batch_size=4, limit=5, progress=False)
+
+    # same samples for every system, interleaved per batch with the first system rotated
+    timed = [c for c in fake.calls if max(c[2]) > 2]  # warm-up calls use a 2-token budget
+    assert len(timed) == 4 * 4  # 15 samples / batch 4 = 4 batches x 4 systems
+    for b in range(4):
+        group = timed[4 * b: 4 * b + 4]
+        assert len({tuple(c[1]) for c in group}) == 1
+        assert group[0][0] == ["base", "single", "dlp", "uniform"][b % 4]
+    assert summary["n_samples"] == 15
+
+    pt = summary["per_task"]
+    assert pt["capitals"]["single"]["score"] == 100.0 and pt["capitals"]["base"]["score"] == 0.0
+    assert pt["colors"]["uniform"]["score"] == 100.0 and pt["capitals"]["uniform"]["score"] == 0.0
+    assert pt["echo"]["single"]["bleu"] == pytest.approx(100.0) and pt["echo"]["single"]["rougeL"] == pytest.approx(100.0)
+    av = summary["averages"]
+    assert av["single"]["mcq"] == 100.0 and av["base"]["overall"] == 0.0
+    assert av["uniform"]["overall"] == pytest.approx(100.0 / 3)
+    assert av["single"]["qa_bleu"] == pytest.approx(100.0)
+    # dlp: 'Spain' (capitals item 3) routed to echo but answered right by the fake
+    r = summary["routing"]
+    assert r["accuracy"] == pytest.approx(100.0 * 14 / 15)
+    assert r["per_task"]["capitals"]["accuracy"] == pytest.approx(80.0)
+    assert r["mean_selected"] == pytest.approx(16 / 15)
+    assert r["mean_true_weight"] == pytest.approx((14 + 0.45) / 15)
+    conf = r["confusion"]["matrix"]
+    assert r["confusion"]["labels"] == list(TASKS)
+    assert conf[0] == [4, 0, 1] and conf[1] == [0, 5, 0] and conf[2] == [0, 0, 5]
+    assert summary["target"]["met"] is True and summary["target"]["dlp_minus_single"] == pytest.approx(0.0)
+    for s in ("base", "single", "dlp", "uniform"):
+        tm = summary["timing"][s]
+        assert tm["samples"] == 15 and tm["completion_tokens"] == 45 and tm["seconds"] > 0
+        assert tm["ratio_to_base"] > 0 and tm["token_ratio_to_single"] > 0
+    assert summary["timing"]["base"]["ratio_to_base"] == pytest.approx(1.0)
+
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 15
+    assert rows[0]["task"] == "capitals" and rows[0]["reference"] == "Paris"
+    assert set(rows[0]["outputs"]) == {"base", "single", "dlp", "uniform"}
+    assert rows[0]["outputs"]["single"] == "Paris." and rows[0]["scores"]["single"] == 1.0
+    assert rows[3]["routing"]["top1"] == "echo" and rows[3]["routing"]["entries"][0]["selected"] == ["echo", "capitals"]
+    assert {p.name for p in (out / "plots").iterdir()} == {"scores.png", "routing_confusion.png", "time_ratios.png"}
+    assert (out / "summary.md").read_text() == summary_markdown(summary)
+    assert json.loads((out / "config.json").read_text())["systems"] == ["base", "single", "dlp", "uniform"]
+    # nothing temporary left next to the output
+    assert [p.name for p in out.parent.iterdir()] == ["fake"]
+
+
+def test_metric_override_and_one_system(tmp_path):
+    tasks = _tasks(4)
+    test_dir = _write_tasks(tmp_path / "test", tasks)
+    fake = FakePipeline(tasks)
+    s = evaluate(None, data=[test_dir / "capitals.json"], out_dir=tmp_path / "o", pipeline=fake, systems="single",
+                 metrics=["capitals=contains"], progress=False)
+    assert s["systems"] == ["single"] and s["tasks"][0]["metric"] == "contains"
+    assert s["routing"] is None and s["target"] is None
+    assert s["per_task"]["capitals"]["single"]["score"] == 100.0
+    with pytest.raises(DLPError, match="no test file for task 'nope'"):
+        evaluate(None, data=[test_dir / "capitals.json"], out_dir=tmp_path / "o2", pipeline=fake, metrics=["nope=exact"])
+    with pytest.raises(DLPError, match="unknown metric 'f9'"):
+        evaluate(None, data=[test_dir / "capitals.json"], out_dir=tmp_path / "o2", pipeline=fake, metrics=["capitals=f9"])
+
+
+def test_auto_budget_per_task(tmp_path):
+    tasks = _tasks(3)
+    test_dir = _write_tasks(tmp_path / "test", tasks)
+    fake = FakePipeline(tasks)
+    evaluate(None, data_dir=test_dir, out_dir=tmp_path / "o", pipeline=fake, systems="base", max_new_tokens=19,
+             progress=False, batch_size=100)
+    budgets = fake.calls[-1][2]
+    # per task: min(cap, longest reference + 16) (echo: 4 words + 16 capped at 19); the fake has no tokenizer: words
+    assert budgets == [17] * 3 + [17] * 3 + [19] * 3
+    evaluate(None, data_dir=test_dir, out_dir=tmp_path / "o2", pipeline=fake, systems="base", max_new_tokens=18,
+             progress=False, batch_size=100, auto_budget=False)
+    assert fake.calls[-1][2] == [18] * 9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real pipeline on the tiny model: random adapters + a router trained on tiny data
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_path):
+    from dlp_lora.config import RouterConfig, RouterDataConfig
+    from dlp_lora.fusion import make_random_adapter
+    from dlp_lora.lora import write_adapter_list
+    from dlp_lora.models import load_model
+    from dlp_lora.router import make_router_data, train_router
+
+    root = tmp_path_factory.mktemp("evalrun")
+    tasks = _tasks(12)
+    train_dir = _write_tasks(root / "train", tasks)
+    test_dir = _write_tasks(root / "test", [dataclasses.replace(t, records=t.records[-4:]) for t in tasks])
+    run = root / "run"
+    model, _ = load_model(tiny_model_path, device="cpu", dtype="fp32")  # own copy: make_random_adapter wraps it
+    dirs = [make_random_adapter(model, run / "adapters" / name, rank=4, alpha=8, seed=i, task=name)
+            for i, name in enumerate(TASKS)]
+    write_adapter_list(run / "adapters.txt", dirs)
+    make_router_data(run / "router_data", data_dir=train_dir, config=RouterDataConfig(val_frac=0.2, test_frac=0.2),
+                     progress=False)
+    train_router(run / "router_data", tiny_model_path, run / "router", config=RouterConfig(epochs=30, patience=30),
+                 progress=False)
+    return {"root": root, "run": run, "test": test_dir, "train": train_dir, "model": tiny_model_path}
+
+
+def test_eval_command_end_to_end_on_tiny_model(cli, tiny_run, tmp_path):
+    out = tmp_path / "TestOutputs" / "tiny"
+    results = tmp_path / "RESULTS.md"
+    cmds = tmp_path / "build.sh"
+    cmds.write_text("dlp-lora train-lora ...\n")
+    args = ["eval", "--run", tiny_run["run"], "--data-dir", tiny_run["test"], "--model", tiny_run["model"],
+            "--limit", "3", "--max-new-tokens", "6", "--batch-size", "4", "--out", out, "--results-md", results,
+            "--results-commands", cmds, "--no-progress"]
+    res = cli(*args)
+    assert res.code == 0, res
+    assert "| task | metric | n | base | single | dlp | uniform |" in res.out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "plots", "predictions.jsonl", "summary.json", "summary.md"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["routing_confusion.png", "scores.png", "time_ratios.png"]
+    for p in (out / "plots").iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    s = json.loads((out / "summary.json").read_text())
+    assert {"created", "run", "model", "adapters", "systems", "n_samples", "tasks", "per_task", "averages", "routing",
+            "timing", "target", "command", "config"} <= set(s)
+    assert s["adapters"] == list(TASKS) and s["n_samples"] == 9
+    assert [t["task"] for t in s["tasks"]] == list(TASKS)
+    assert {t["task"]: t["metric"] for t in s["tasks"]} == {"capitals": "exact", "colors": "accuracy", "echo": "bleu_rouge"}
+    for t in TASKS:
+        for sy in ("base", "single", "dlp", "uniform"):
+            assert 0.0 <= s["per_task"][t][sy]["score"] <= 100.0
+    assert {"bleu", "rouge1", "rouge2", "rougeL"} <= set(s["per_task"]["echo"]["dlp"])
+    for sy in ("base", "single", "dlp", "uniform"):
+        assert {"mcq", "qa", "overall", "qa_bleu", "qa_rougeL"} <= set(s["averages"][sy])
+        tm = s["timing"][sy]
+        assert {"seconds_per_sample", "tokens_per_s", "ratio_to_base", "ratio_to_single", "token_ratio_to_base"} <= set(tm)
+        assert tm["completion_tokens"] > 0 and tm["seconds"] > 0
+    r = s["routing"]
+    assert 0.0 <= r["accuracy"] <= 100.0 and r["mean_selected"] >= 1.0 and 0.0 <= r["mean_true_weight"] <= 1.0
+    assert sum(map(sum, r["confusion"]["matrix"])) == 9
+    assert s["command"].startswith("dlp-lora eval --run ") and "--limit 3" in s["command"]
+    assert set(s["target"]) >= {"dlp_minus_single", "dlp_minus_uniform", "dlp_minus_base", "met"}
+
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 9
+    for row in rows:
+        assert {"task", "prompt", "reference", "outputs", "scores", "routing"} <= set(row)
+        assert set(row["outputs"]) == {"base", "single", "dlp", "uniform"}
+        assert row["routing"]["entries"] and row["routing"]["top1"] in TASKS
+    # base (all-zero weights) and single (a random adapter) generate different text somewhere: weights reach the model
+    assert any(r["outputs"]["base"] != r["outputs"]["single"] for r in rows)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["limit"] == 3 and cfg["max_new_tokens"] == 6
+
+    text = results.read_text()
+    assert "<!-- dlp-lora eval: tiny -->" in text and "dlp-lora train-lora ..." in text and s["command"] in text
+
+    # refusing to overwrite: one-line error, the folder untouched
+    before = (out / "summary.json").read_text()
+    res = cli(*args)
+    assert_one_line_error(res, str(out), "already exists")
+    assert (out / "summary.json").read_text() == before
+    # --overwrite replaces it; RESULTS.md keeps one section for this name
+    res = cli(*args, "--systems", "base,single", "--overwrite")
+    assert res.code == 0, res
+    assert json.loads((out / "summary.json").read_text())["systems"] == ["base", "single"]
+    assert results.read_text().count("<!-- dlp-lora eval: tiny -->") == 1
+    assert not (out / "plots" / "routing_confusion.png").exists()
+
+
+def test_base_system_equals_plain_generation(tiny_run, tmp_path):
+    """The base system is the base model: all-zero weights give the same greedy text as the unadapted model."""
+    from dlp_lora.data import format_prompt
+    from dlp_lora.models import load_model
+
+    out = tmp_path / "o"
+    s = evaluate(tiny_run["run"], data=[tiny_run["test"] / "capitals.json"], out_dir=out, systems="base",
+                 model_spec=str(tiny_run["model"]), limit=2, max_new_tokens=5, progress=False)
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    model, tok = load_model(tiny_run["model"], device="cpu", dtype="fp32")
+    import torch
+
+    for row, budget in zip(rows, [5, 5]):
+        ids = tok(format_prompt(tok, row["prompt"]), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            g = model.generate(**ids, max_new_tokens=row["completion_tokens"]["base"], do_sample=False)
+        ref = tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert row["outputs"]["base"].strip() == ref.strip()
+    assert s["n_samples"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: one-line errors, nothing written
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs(cli, tiny_run, tmp_path):
+    run, test, model = tiny_run["run"], tiny_run["test"], tiny_run["model"]
+    out = tmp_path / "out"
+    base = ["eval", "--run", run, "--model", model, "--out", out, "--no-progress"]
+
+    res = cli(*base, "--data-dir", test, "--systems", "base,oracle")
+    assert_one_line_error(res, "unknown system 'oracle'")
+
+    extra = _write_tasks(tmp_path / "extra", [TaskData("poems", [QARecord("Write a poem", "roses")])])
+    res = cli(*base, "--data", test / "colors.json", extra / "poems.json")
+    assert_one_line_error(res, "poems.json", "task 'poems' has no adapter")
+    # base / uniform need no adapter for the task: allowed (checked by getting past the adapter check)
+    res = cli(*base, "--data", extra / "poems.json", "--systems", "base", "--max-new-tokens", "2")
+    assert res.code == 0, res
+    out.rename(tmp_path / "out_poems")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = cli(*base, "--data-dir", empty)
+    assert_one_line_error(res, str(empty), "no task files")
+    (empty / "t.json").write_text("[]")
+    res = cli(*base, "--data", empty / "t.json")
+    assert_one_line_error(res, "t.json", "no records")
+
+    res = cli(*base, "--data-dir", test, "--limit", "0")
+    assert_one_line_error(res, "limit must be >= 1")
+    res = cli(*base, "--data-dir", test, "--metric", "colors")
+    assert_one_line_error(res, "--metric colors", "TASK=METRIC")
+    res = cli("eval", "--run", tmp_path / "no_run", "--data-dir", test, "--out", out)
+    assert_one_line_error(res, "no_run")
+    assert not out.exists()
+
+    out.mkdir()
+    res = cli(*base, "--data-dir", test)
+    assert_one_line_error(res, str(out), "already exists")
+
+
+def test_dlp_needs_a_router(cli, tiny_run, tmp_path):
+    import shutil
+
+    from dlp_lora.lora import read_adapter_list, write_adapter_list
+
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    write_adapter_list(run2 / "adapters.txt", read_adapter_list(tiny_run["run"]))
+    res = cli("eval", "--run", run2, "--data-dir", tiny_run["test"], "--model", tiny_run["model"],
+              "--out", tmp_path / "o", "--systems", "single,dlp")
+    assert_one_line_error(res, "no router")
+    assert shutil.which  # keep import used

@@ -1,0 +1,540 @@
+"""The OpenAI-compatible server (issue 10): the official ``openai`` client against ``create_app`` served by uvicorn
+on a free loopback port, with the real pipeline (tiny model, three random adapters, a trained mini-MLP router)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from helpers_server import TASKS, build_run, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
+
+from dlp_lora.config import DLPError
+from dlp_lora.server import ServeConfig, create_app
+
+Q_ROUTED = "What is 17 plus 25? Give the number."
+MAX = 12
+
+
+def direct(pipe, prompt, *, chat=True, weights=None, max_new_tokens=MAX, stop=None, **kw):
+    """The engine's own greedy answer for one request (the reference the server must reproduce)."""
+    return pipe.generate([prompt], chat=chat, weights=None if weights is None else [weights],
+                         max_new_tokens=max_new_tokens, stop=stop, **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def srv(serve_pipeline):
+    app = create_app(serve_pipeline, ServeConfig(max_batch=16, batch_window_ms=300, max_tokens_cap=400,
+                                                 max_prompt_tokens=200, max_body_bytes=20_000))
+    with serving(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def locked(srv):
+    """Hold the engine lock while the test calls the pipeline directly (the server's worker shares it)."""
+    return srv.app.state.engine.lock
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models, completions, chat, routing
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_models_lists_dlp_base_and_every_adapter(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[:2] == ["base", "dlp"]
+    for t in TASKS:
+        assert f"dlp:{t}" in ids and t in ids
+    roots = [m for m in client.models.list().data if not m.parent]
+    assert [m.id for m in roots] == ["base"]          # what a proxy discovers as the upstream base model
+
+
+def test_chat_completion_is_routed_and_equals_the_engine(client, srv, serve_pipeline):
+    r = client.chat.completions.create(model="dlp", messages=[{"role": "user", "content": Q_ROUTED}], max_tokens=MAX)
+    with locked(srv):
+        ref = direct(serve_pipeline, Q_ROUTED)
+    assert r.object == "chat.completion" and r.model == "dlp"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ("length" if ref.finish_reason == "length" else "stop")
+    assert r.usage.prompt_tokens == ref.prompt_tokens > 0
+    assert r.usage.completion_tokens == ref.completion_tokens <= MAX
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    routing = r.dlp_routing
+    assert routing == json.loads(json.dumps(ref.routing))
+    # the prompt has two sentences: routed per sentence (paper), each with router probs over all tasks
+    assert [e["sentence"] for e in routing[:2]] == ["What is 17 plus 25?", "Give the number."]
+    for e in routing:
+        assert set(e["selected"]) <= set(TASKS) and e["selected"]
+        assert sum(e["weights"]) == pytest.approx(1.0, abs=1e-5)
+        assert set(e["probs"]) == set(TASKS) and sum(e["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_completion_raw_prompt(client, srv, serve_pipeline):
+    prompt = "The capital of Peru is"
+    r = client.completions.create(model="dlp", prompt=prompt, max_tokens=MAX)
+    with locked(srv):
+        ref = direct(serve_pipeline, prompt, chat=False)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == ref.text
+    assert r.usage.prompt_tokens == ref.prompt_tokens
+    assert r.dlp_routing[0]["sentence"] == prompt and r.dlp_routing[0]["source"] == "prompt"
+
+
+def test_forced_adapter_base_and_manual_weights(client, srv, serve_pipeline):
+    prompt = "Sort the words: pear apple fig."
+    texts = {}
+    for model in [f"dlp:{t}" for t in TASKS] + ["base", TASKS[1]]:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX)
+        texts[model] = r.choices[0].text
+        if model == "base":
+            assert r.dlp_routing[0]["selected"] == [] and r.dlp_routing[0]["weights"] == []
+        else:
+            task = model.split(":")[-1]
+            assert r.dlp_routing[0]["selected"] == [task] and r.dlp_routing[0]["weights"] == [1.0]
+            assert r.dlp_routing[0]["source"] == "forced"
+    mix = {TASKS[0]: 0.7, TASKS[2]: 0.3}
+    r = client.completions.create(model="dlp", prompt=prompt, max_tokens=MAX, extra_body={"dlp": {"weights": mix}})
+    assert r.dlp_routing[0]["selected"] == [TASKS[0], TASKS[2]]
+    assert r.dlp_routing[0]["weights"] == pytest.approx([0.7, 0.3])
+    with locked(srv):
+        for t in TASKS:
+            assert texts[f"dlp:{t}"] == direct(serve_pipeline, prompt, chat=False, weights={t: 1.0}).text
+        assert texts["base"] == direct(serve_pipeline, prompt, chat=False, weights={}).text
+        assert r.choices[0].text == direct(serve_pipeline, prompt, chat=False, weights=mix).text
+    assert texts[TASKS[1]] == texts[f"dlp:{TASKS[1]}"]           # vLLM-style bare adapter name
+    assert len({texts[m] for m in texts}) > 1                   # the adapters really change the answer
+
+
+def test_dlp_options_top_p_and_weighting(client):
+    r = client.completions.create(model="dlp", prompt="What is 3 plus 4?", max_tokens=4,
+                                  extra_body={"dlp": {"top_p": 1.0, "weighting": "renorm", "granularity": "prompt"}})
+    e = r.dlp_routing[0]
+    # top_p = 1 keeps every task with non-zero probability; renorm weights are the probabilities themselves
+    assert set(e["selected"]) == {t for t, p in e["probs"].items() if p > 0}
+    for t, w in zip(e["selected"], e["weights"]):
+        assert w == pytest.approx(e["probs"][t], abs=1e-4)
+
+
+def test_multi_message_chat_routes_on_user_turns(client, srv, serve_pipeline):
+    msgs = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 plus 3?"}]
+    r = client.chat.completions.create(model="dlp", messages=msgs, max_tokens=MAX)
+    e = r.dlp_routing[0]
+    assert e["sentence"] == "What is 2 plus 2?\nAnd 3 plus 3?"
+    with locked(srv):
+        probs, w = serve_pipeline.route([e["sentence"]], top_p=0.8)
+        text = serve_pipeline.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ref = direct(serve_pipeline, text, chat=False, weights=w[0])
+    assert e["selected"] == [TASKS[i] for i in w[0].nonzero().flatten().tolist()] or \
+        sorted(e["selected"]) == sorted(TASKS[i] for i in w[0].nonzero().flatten().tolist())
+    assert r.choices[0].message.content == ref.text
+
+
+def test_stop_strings(client, srv, serve_pipeline):
+    prompt = "Count: one two three"
+    with locked(srv):
+        full = direct(serve_pipeline, prompt, chat=False, max_new_tokens=20).text
+    assert len(full) > 6
+    stop = full[3:6]
+    r = client.completions.create(model="dlp", prompt=prompt, max_tokens=20, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="dlp:capitals", prompt="Once upon a time", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    greedy = client.completions.create(model="dlp:capitals", prompt="Once upon a time", max_tokens=10)
+    other = [client.completions.create(**{**kw, "seed": s}).choices[0].text for s in (1, 2, 3)]
+    assert len(set(other + [greedy.choices[0].text])) > 1       # sampling really samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_chat_streaming_matches_non_streaming(client):
+    msgs = [{"role": "user", "content": Q_ROUTED}]
+    full = client.chat.completions.create(model="dlp", messages=msgs, max_tokens=MAX)
+    chunks = list(client.chat.completions.create(model="dlp", messages=msgs, max_tokens=MAX, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert final[0].dlp_routing == full.dlp_routing
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1   # really incremental
+
+
+def test_completion_streaming_raw_sse_ends_with_done(srv, client):
+    body = {"model": "dlp:capitals", "prompt": "Name a city.", "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", srv.base_url + "/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in r.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(l[6:]) for l in lines[:-1]]
+    assert all(e["object"] == "text_completion" for e in events)
+    ref = client.completions.create(model="dlp:capitals", prompt="Name a city.", max_tokens=8)
+    assert "".join(e["choices"][0]["text"] for e in events) == ref.choices[0].text
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-1]["dlp_routing"][0]["selected"] == ["capitals"]
+    assert events[-1]["usage"]["completion_tokens"] == ref.usage.completion_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batching
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_16_concurrent_requests_are_answered_correctly_in_batches(srv, client, serve_pipeline, monkeypatch):
+    seen = []
+    real = serve_pipeline.generate
+
+    def spy(prompts, **kw):  # what the engine itself is handed
+        seen.append(len(prompts))
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(serve_pipeline, "generate", spy)
+    models = ["dlp", "base"] + [f"dlp:{t}" for t in TASKS]
+    reqs = [dict(model=models[i % len(models)], prompt=f"Question {i}: what is {i} plus {i}?",
+                 max_tokens=4 + i % 5, mix=(i % 4 == 3)) for i in range(16)]
+    before = dict(srv.stats.batch_sizes)
+    barrier = threading.Barrier(16)
+
+    def call(q):
+        barrier.wait()
+        extra = {"dlp": {"weights": {TASKS[0]: 0.5, TASKS[1]: 0.5}}} if q["mix"] else None
+        model = "dlp" if q["mix"] else q["model"]
+        return client.completions.create(model=model, prompt=q["prompt"], max_tokens=q["max_tokens"],
+                                         extra_body=extra)
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        answers = list(ex.map(call, reqs))
+    monkeypatch.setattr(serve_pipeline, "generate", real)
+    assert max(seen) > 1, seen
+    grown = {k: v - before.get(k, 0) for k, v in srv.stats.batch_sizes.items() if v - before.get(k, 0)}
+    assert sum(k * v for k, v in grown.items()) == 16 and max(grown) > 1
+    # every answer is its own request's answer: the same as the engine run on that request alone
+    with locked(srv):
+        for q, a in zip(reqs, answers):
+            if q["mix"]:
+                w = {TASKS[0]: 0.5, TASKS[1]: 0.5}
+            else:
+                w = None if q["model"] == "dlp" else ({} if q["model"] == "base" else {q["model"][4:]: 1.0})
+            ref = real([q["prompt"]], chat=False, weights=None if w is None else [w], max_new_tokens=q["max_tokens"])[0]
+            assert a.choices[0].text == ref.text, q
+            assert a.usage.completion_tokens == ref.completion_tokens <= q["max_tokens"]
+            assert a.dlp_routing[0]["sentence"] == q["prompt"]
+
+
+def test_sustained_concurrent_load_has_no_errors(serve_pipeline):
+    """Requests keep arriving (and are validated, i.e. tokenized) while batches run: no request may fail.
+    Regression: sharing one fast tokenizer between validation and the worker broke batches."""
+    app = create_app(serve_pipeline, ServeConfig(max_batch=8, batch_window_ms=0))
+    kinds = [("/completions", {"model": "base", "prompt": "Sort: b a c."}),
+             ("/completions", {"model": "dlp", "prompt": "What is 4 plus 5? Then stop."}),
+             ("/chat/completions", {"model": "dlp", "messages": [{"role": "user", "content": "Capital of Peru?"}]}),
+             ("/chat/completions", {"model": "dlp:arithmetic", "messages": [{"role": "user", "content": "1+1?"}],
+                                    "stream": True})]
+    with serving(app) as s:
+        def client(k):
+            codes = []
+            with httpx.Client(timeout=60) as c:
+                for j in range(6):
+                    path, body = kinds[(k + j) % len(kinds)]
+                    r = c.post(s.base_url + path, json={**body, "max_tokens": 3 + (k + j) % 4})
+                    ok = r.status_code == 200 and (("data: [DONE]" in r.text and '"error"' not in r.text)
+                                                   if body.get("stream") else
+                                                   "dlp_routing" in r.json())
+                    codes.append((r.status_code, ok, r.text[:200] if not ok else ""))
+            return codes
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            codes = [c for cs in ex.map(client, range(8)) for c in cs]
+    assert all(ok for _, ok, _ in codes), [c for c in codes if not c[1]][:3]
+    assert app.state.stats.errors == 0 and app.state.stats.rows == 48
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def _post(srv, path, body=None, content=None, headers=None):
+    r = httpx.post(srv.base_url + path, json=body, content=content, headers=headers, timeout=30)
+    return r
+
+
+def _assert_error(r, status, code=None, param=None, needle=None):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code, err
+    if param:
+        assert err["param"] == param, err
+    if needle:
+        assert needle in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("path,body,status,code,param", [
+    ("/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/chat/completions", {"model": "dlp:nope", "messages": [{"role": "user", "content": "x"}]}, 404,
+     "model_not_found", "model"),
+    ("/completions", {"model": "dlp", "prompt": "x", "max_tokens": "ten"}, 422, "invalid_value", "max_tokens"),
+    ("/completions", {"model": "dlp", "prompt": "x", "max_tokens": 0}, 422, "invalid_value", "max_tokens"),
+    ("/completions", {"model": "dlp", "prompt": "x", "max_tokens": 401}, 400, "max_tokens_exceeded", "max_tokens"),
+    ("/completions", {"model": "dlp", "prompt": "x", "temperature": -1}, 422, "invalid_value", "temperature"),
+    ("/completions", {"model": "dlp", "prompt": "x", "temperature": "hot"}, 422, "invalid_value", "temperature"),
+    ("/completions", {"model": "dlp", "prompt": "x", "top_p": 0}, 422, "invalid_value", "top_p"),
+    ("/completions", {"model": "dlp", "prompt": "x", "stream": "yes"}, 422, "invalid_value", "stream"),
+    ("/completions", {"model": "dlp", "prompt": "x", "stop": [1]}, 422, "invalid_value", "stop"),
+    ("/completions", {"model": "dlp", "prompt": "x", "seed": 1.5}, 422, "invalid_value", "seed"),
+    ("/completions", {"model": "dlp", "prompt": [1, 2, 3]}, 422, "invalid_value", "prompt"),
+    ("/completions", {"model": "dlp"}, 422, "invalid_value", "prompt"),
+    ("/completions", {"prompt": "x"}, 422, "invalid_value", "model"),
+    ("/completions", {"model": "dlp", "prompt": "x", "n": 2}, 400, "unsupported_value", "n"),
+    ("/chat/completions", {"model": "dlp", "messages": []}, 422, "invalid_value", "messages"),
+    ("/chat/completions", {"model": "dlp", "messages": [{"role": "robot", "content": "x"}]}, 422, "invalid_value",
+     "messages[0].role"),
+    ("/chat/completions", {"model": "dlp", "messages": "hello"}, 422, "invalid_value", "messages"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weights": {"nope": 1}}}, 422, "unknown_task",
+     "dlp.weights"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weights": {"capitals": -0.5}}}, 422,
+     "negative_weight", "dlp.weights.capitals"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weights": {"capitals": "a lot"}}}, 422,
+     "invalid_value", "dlp.weights.capitals"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weights": [1, 0, 0]}}, 422, "invalid_value",
+     "dlp.weights"),
+    ("/completions", {"model": "dlp:capitals", "prompt": "x", "dlp": {"weights": {"capitals": 1}}}, 400,
+     "conflicting_options", "dlp.weights"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"top_p": 1.5}}, 422, "invalid_value", "dlp.top_p"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weighting": "max"}}, 422, "invalid_value",
+     "dlp.weighting"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"temperature": 1}}, 422, "invalid_value",
+     "dlp.temperature"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": "fast"}, 422, "invalid_value", "dlp"),
+    ("/completions", ["not", "an", "object"], 400, "invalid_json", None),
+])
+def test_bad_requests_get_openai_errors(srv, path, body, status, code, param):
+    _assert_error(_post(srv, path, body), status, code, param)
+
+
+def test_invalid_json_too_long_prompt_and_too_large_body(srv):
+    _assert_error(_post(srv, "/completions", content=b'{"model": "dlp", "prompt": ',
+                        headers={"content-type": "application/json"}), 400, "invalid_json")
+    _assert_error(_post(srv, "/completions", content=b"\xff\xfe", headers={"content-type": "application/json"}),
+                  400, "invalid_json")
+    _assert_error(_post(srv, "/completions", {"model": "dlp", "prompt": "word " * 400}), 400,
+                  "context_length_exceeded", "prompt", "above this server's limit of 200")
+    _assert_error(_post(srv, "/completions", {"model": "dlp", "prompt": "x" * 30_000}), 413, "body_too_large")
+    _assert_error(httpx.get(srv.url + "/v1/nothing"), 404, "not_found")
+    _assert_error(httpx.get(srv.base_url + "/completions"), 405, "method_not_allowed")
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="dlp", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="dlp", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       extra_body={"dlp": {"weights": {"capitals": -1}}})
+
+
+def test_queue_full_answers_429_with_retry_after(serve_pipeline):
+    app = create_app(serve_pipeline, ServeConfig(max_batch=1, max_queue=1, batch_window_ms=0, retry_after_s=3))
+    stats, batcher, engine = app.state.stats, app.state.batcher, app.state.engine
+    with serving(app) as s:
+        body = {"model": "dlp:capitals", "prompt": "hello", "max_tokens": 3}
+        results = {}
+
+        def send(name):
+            results[name] = httpx.post(s.base_url + "/completions", json=body, timeout=60)
+
+        def wait(cond):
+            t0 = time.monotonic()
+            while not cond():
+                assert time.monotonic() - t0 < 30
+                time.sleep(0.01)
+
+        with engine.lock:   # the worker blocks on its first batch: A is taken, B waits in the queue
+            a = threading.Thread(target=send, args=("a",))
+            a.start()
+            wait(lambda: stats.submitted == 1 and batcher.pending == 0)
+            b = threading.Thread(target=send, args=("b",))
+            b.start()
+            wait(lambda: stats.submitted == 2 and batcher.pending == 1)
+            r = httpx.post(s.base_url + "/completions", json=body, timeout=60)
+            _assert_error(r, 429, "queue_full")
+            assert r.headers["retry-after"] == "3" and r.json()["error"]["type"] == "rate_limit_error"
+        a.join(60)
+        b.join(60)
+        assert results["a"].status_code == 200 and results["b"].status_code == 200
+        assert results["a"].json()["choices"][0]["text"] == results["b"].json()["choices"][0]["text"]
+        assert stats.rejected == 1
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(serve_pipeline):
+    app = create_app(serve_pipeline, ServeConfig(max_batch=1, max_tokens_cap=4000, batch_window_ms=0))
+    stats = app.state.stats
+    prompt = "Tell me a long story."
+    with app.state.engine.lock:
+        ref = serve_pipeline.generate([prompt], chat=False, weights=[{"capitals": 1.0}], max_new_tokens=300)[0]
+    assert ref.finish_reason == "length"          # this prompt does not stop early: a fair test of cancelling
+    with serving(app) as s:
+        body = {"model": "dlp:capitals", "prompt": prompt, "max_tokens": 4000, "stream": True}
+        with httpx.stream("POST", s.base_url + "/completions", json=body, timeout=60) as r:
+            it = r.iter_lines()
+            got = [next(it) for _ in range(3)]
+            assert all(g.startswith("data: ") or g == "" for g in got)
+        t0 = time.monotonic()
+        while stats.cancelled < 1:                 # the engine stops the row at its next token
+            assert time.monotonic() - t0 < 60, stats
+            time.sleep(0.02)
+        assert stats.running == 0 and stats.completion_tokens < 4000
+        r = httpx.post(s.base_url + "/completions", json={"model": "dlp:capitals", "prompt": "hi", "max_tokens": 3},
+                       timeout=60)
+        assert r.status_code == 200
+
+
+def test_api_key_is_enforced(serve_pipeline):
+    app = create_app(serve_pipeline, ServeConfig(api_key="sekret"))
+    with serving(app) as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            for method, path, body in (("GET", "/models", None),
+                                       ("POST", "/completions", {"model": "dlp", "prompt": "x", "max_tokens": 2}),
+                                       ("POST", "/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"})):
+                r = httpx.request(method, s.base_url + path, json=body, headers=headers, timeout=30)
+                err = _assert_error(r, 401, "invalid_api_key")
+                assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
+        bad = openai.OpenAI(base_url=s.base_url, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=s.base_url, api_key="sekret", max_retries=0)
+        assert good.completions.create(model="dlp:capitals", prompt="x", max_tokens=2).choices[0].text is not None
+        assert httpx.get(s.url + "/health").status_code == 200   # health stays open for load balancers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapters loaded at run time (vLLM's dynamic LoRA endpoints)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_load_and_unload_lora_adapter(serve_run, serve_pipeline, tmp_path):
+    app = create_app(serve_pipeline, ServeConfig(max_lora_rank=8, max_loaded_adapters=2))
+    with serving(app) as s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+        path = serve_run / "adapters" / "word_sorting"
+        r = _post(s, "/load_lora_adapter", {"lora_name": "mysort", "lora_path": str(path)})
+        assert r.status_code == 200 and r.json()["status"] == "loaded"
+        assert "mysort" in [m.id for m in c.models.list().data]
+        a = c.completions.create(model="mysort", prompt="Sort: b a c.", max_tokens=MAX)
+        b = c.completions.create(model="dlp:word_sorting", prompt="Sort: b a c.", max_tokens=MAX)
+        assert a.choices[0].text == b.choices[0].text            # same adapter, same greedy answer
+        assert a.dlp_routing[0]["selected"] == ["mysort"]
+        # refusals: name taken / reserved, not an adapter, rank above the limit, too many
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "mysort", "lora_path": str(path)}), 400, "name_taken")
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "capitals", "lora_path": str(path)}), 400,
+                      "name_taken")
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)}), 400,
+                      "invalid_adapter", "lora_path")
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "x"}), 400, None, "lora_path")
+        with s.app.state.engine.lock:
+            big = serve_pipeline.fused.export_mixture({"arithmetic": 0.5, "capitals": 0.5}, tmp_path / "mix16")
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "m16", "lora_path": str(big)}), 400,
+                      "rank_too_large", "lora_path", "rank 16")
+        assert _post(s, "/load_lora_adapter", {"lora_name": "cap2", "lora_path": str(serve_run / "adapters" / "capitals")}
+                     ).status_code == 200
+        _assert_error(_post(s, "/load_lora_adapter", {"lora_name": "third", "lora_path": str(path)}), 400,
+                      "too_many_adapters")
+        assert c.completions.create(model="cap2", prompt="x y", max_tokens=4).choices[0].text == \
+            c.completions.create(model="capitals", prompt="x y", max_tokens=4).choices[0].text
+        assert _post(s, "/unload_lora_adapter", {"lora_name": "mysort"}).status_code == 200
+        _assert_error(_post(s, "/unload_lora_adapter", {"lora_name": "mysort"}), 404, "model_not_found")
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="mysort", prompt="x", max_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config and CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,needle", [({"port": 70000}, "port"), ({"max_batch": 0}, "max_batch"),
+                                       ({"weighting": "x"}, "weighting"), ({"upstream": "ftp://x"}, "upstream"),
+                                       ({"default_max_tokens": 600}, "default_max_tokens"),
+                                       ({"batch_window_ms": -1}, "batch_window_ms")])
+def test_serve_config_is_validated(kw, needle):
+    with pytest.raises(DLPError, match=needle):
+        ServeConfig(**kw)
+
+
+def test_serve_config_defaults_bind_loopback():
+    c = ServeConfig()
+    assert c.host == "127.0.0.1" and c.api_key == "" and c.max_batch > 1 and c.max_queue > 0
+
+
+def test_cli_serve_errors_are_one_line(cli, tmp_path):
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(cli("serve", "--run", tmp_path / "missing", "--model", "tiny"), "run folder not found")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--max-batch", "0"), "max_batch")
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(cli("serve", "--run", tmp_path, "--model", "tiny", "--port", port),
+                              f"--port {port}", "cannot listen")
+
+
+def test_cli_serve_runs_a_real_server(serve_run, tiny_model_path):
+    """`dlp-lora serve` in a subprocess: answers an OpenAI request on the port it was given, then stops."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dlp_lora", "serve", "--run", str(serve_run), "--model",
+                             str(tiny_model_path), "--port", str(port), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 120
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="dlp", messages=[{"role": "user", "content": "What is 1 plus 1?"}],
+                                      max_tokens=4)
+        assert r.usage.completion_tokens <= 4 and r.dlp_routing
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert f"http://127.0.0.1:{port}/v1" in out
+    assert "Traceback" not in err
