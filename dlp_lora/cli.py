@@ -366,7 +366,7 @@ def cmd_train_router(args) -> int:
     elif args.router != "mlp":
         # transformers: 5e-5 to fine-tune a pretrained checkpoint, 3e-4 for a small one trained from scratch
         kw["learning_rate"] = 5e-5 if args.pretrained else 3e-4
-    for name in ("epochs", "batch_size", "patience", "seed", "max_tokens"):
+    for name in ("epochs", "batch_size", "patience", "seed", "max_tokens", "pooling", "token_dropout"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     cfg = RouterConfig(kind=args.router, pretrained=args.pretrained or "", **kw)
@@ -404,6 +404,8 @@ def _p_train_router(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 64)")
     p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default 3)")
     p.add_argument("--max-tokens", type=int, default=None, help="truncate router inputs (default 256)")
+    p.add_argument("--pooling", default=None, help="mini-MLP: mean (paper, default) | mean+max")
+    p.add_argument("--token-dropout", type=float, default=None, help="mini-MLP: training token dropout (default 0.25)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing router folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -442,6 +442,24 @@ def _train_questions(meta: dict) -> set[str]:
         return set()
 
 
+def _run_info(run_dir, metas: dict[str, dict]) -> dict:
+    """How the run was built, for the report: per adapter the training steps and loss (dlp_task.json) and the
+    router's own held-out accuracy (router/metrics.json), when present."""
+    adapters = {}
+    for name, m in metas.items():
+        adapters[name] = {k: m.get(k) for k in ("steps", "loss_start", "loss_end", "train_seconds", "records_used")
+                          if m.get(k) is not None}
+    router = None
+    rd = _router_dir(run_dir)
+    if rd is not None and (rd / "metrics.json").is_file():
+        try:
+            mt = json.loads((rd / "metrics.json").read_text(encoding="utf-8"))
+            router = {k: mt.get(k) for k in ("kind", "params", "val_accuracy", "test_accuracy") if k in mt}
+        except (OSError, ValueError):
+            router = None
+    return {"adapters": adapters, "router": router}
+
+
 def _token_len(tokenizer, text: str) -> int:
     try:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -768,6 +786,7 @@ def evaluate(run_dir=None, data=None, data_dir=None, out_dir=None, systems: Sequ
         "systems": cfg.systems,
         "n_samples": n,
         "dropped_seen_in_training": seen_in_train,
+        "run_info": _run_info(run_dir, metas),
         "tasks": [{"task": t.name, "file": str(Path(t.path).resolve()) if t.path else "", "metric": task_metric[t.name],
                    "n": sum(1 for s in samples if s.task == t.name), "has_adapter": t.name in index,
                    "group": "mcq" if task_metric[t.name] == "accuracy" else "qa"} for t in tasks],
@@ -852,6 +871,9 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| **all** | {_fmt(r['accuracy'], 1)} | {_fmt(r['mean_selected'], 2)} | {_fmt(r['mean_true_weight'], 3)} |")
     tm = summary["timing"]
     lines += ["", "### Time (same run, systems interleaved per batch)", "",
+              "Time per generated token includes the prompt's prefill, so a system that stops early (short answers) "
+              "pays more per token; compare systems that generate the same number of tokens (e.g. single vs dlp), "
+              "or use `dlp-lora bench` for fixed-length ratios.", "",
               "| system | s/sample | tokens/s | gen. tokens | time/token vs base | time/token vs single | time/sample vs base |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for s in systems:
@@ -859,6 +881,17 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {s} | {_fmt(d['seconds_per_sample'], 3)} | {_fmt(d['tokens_per_s'], 1)} | {d['completion_tokens']} | "
                      f"{_fmt(d.get('token_ratio_to_base'), 2)} | {_fmt(d.get('token_ratio_to_single'), 2)} | "
                      f"{_fmt(d.get('ratio_to_base'), 2)} |")
+    info = summary.get("run_info") or {}
+    ad = {t: d for t, d in (info.get("adapters") or {}).items() if d}
+    if ad:
+        lines += ["", "### How the run was built (from dlp_task.json / router/metrics.json)", "",
+                  "| adapter | steps | records used | loss start | loss end | train s |", "|---|---:|---:|---:|---:|---:|"]
+        for t, d in ad.items():
+            lines.append(f"| {t} | {_fmt(d.get('steps'))} | {_fmt(d.get('records_used'))} | {_fmt(d.get('loss_start'), 3)} | "
+                         f"{_fmt(d.get('loss_end'), 3)} | {_fmt(d.get('train_seconds'), 0)} |")
+    rt = info.get("router")
+    if rt:
+        lines += ["", "Router: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in rt.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -294,11 +294,12 @@ class FusedLoRALinear(nn.Module):
             if w.dim() == 2:
                 # (B, N): gather each row's A and weight-scaled B once per set_weights, reuse every step
                 if self._rows_ver != st.version:
-                    self._A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1)
+                    # stored transposed (B, d_in, k*r) and contiguous: the bmm then reads it linearly
+                    self._A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1).transpose(1, 2).contiguous()
                     cols = st.columns(self.r, self.Bt.dtype, True).transpose(1, 2)       # (B, k*r, 1)
                     self._Bw_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1) * cols
                     self._rows_ver = st.version
-                h = torch.bmm(x, self._A_rows.transpose(1, 2))
+                h = torch.bmm(x, self._A_rows)
                 return y.baddbmm_(h, self._Bw_rows) if inplace else torch.baddbmm(y, h, self._Bw_rows)
             A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1)
             h = torch.bmm(x, A_rows.transpose(1, 2))
@@ -306,10 +307,11 @@ class FusedLoRALinear(nn.Module):
             h = h.mul_(cols) if inplace else h * cols
             Bt_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1)
             return y.baddbmm_(h, Bt_rows) if inplace else torch.baddbmm(y, h, Bt_rows)
-        if self._sel_key != st.active:
+        key = (st.active, torch.is_inference_mode_enabled())   # inference tensors must not leak into autograd
+        if self._sel_key != key:
             self._A_sel = self.A.index_select(0, st.active_t).reshape(-1, self.A.shape[-1])
             self._Bt_sel = self.Bt.index_select(0, st.active_t).reshape(-1, self.Bt.shape[-1])
-            self._sel_key = st.active
+            self._sel_key = key
         h = F.linear(x, self._A_sel)
         cols = st.columns(self.r, h.dtype, False)
         h = h.mul_(cols) if inplace else h * cols

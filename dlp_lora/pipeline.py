@@ -318,7 +318,8 @@ class DLPPipeline:
         for b, ws in enumerate(per_sentence):
             if len(ws) == 1:
                 continue
-            starts, pos = [], 0
+            # search from where the user's text sits in the formatted prompt (not inside a system prompt)
+            starts, pos = [], max(0, texts[b].rfind(prompts[b]))
             for s in sents[b]:
                 j = texts[b].find(s, pos)
                 if j < 0:
@@ -328,7 +329,7 @@ class DLPPipeline:
             if len(starts) != len(ws):
                 continue
             # sentence index of each token = number of sentence starts at or before its first character, - 1
-            si = (torch.bucketize(offsets[b, :, 0], torch.tensor(starts), right=True) - 1).clamp(min=0)
+            si = (torch.bucketize(offsets[b, :, 0].contiguous(), torch.tensor(starts), right=True) - 1).clamp(min=0)
             pre[b] = torch.stack(ws)[si]   # (left padding takes sentence 0's mixture; those keys are masked)
         return cur, pre
 

@@ -11,6 +11,8 @@ interrupts the worker thread; artifacts are written with ``atomic_dir``, so a ca
 half written. Errors show as the same one-line messages the CLI prints, never tracebacks.
 """
 
+# No ``from __future__ import annotations`` here: Gradio injects ``gr.Request`` by evaluating handler annotations
+# at runtime, and ``gr`` is only imported inside build_app.
 import contextvars
 import ctypes
 import dataclasses
@@ -250,6 +252,18 @@ def _one_input(upload, path: str | None, what: str) -> str:
     return str(Path(path).expanduser())
 
 
+def _task_file(upload, path: str | None) -> str:
+    """One uploaded task file (its ``<stem>.meta.json`` sidecar may be uploaded with it) or a typed path."""
+    ups = _file_list(upload)
+    if not ups:
+        return _one_input(None, path, "dataset")
+    folder = Path(_uploads_as_dir(ups, "dataset"))
+    data = [p for p in sorted(folder.iterdir()) if not p.name.endswith(".meta.json")]
+    if len(data) != 1:
+        raise DLPError(f"dataset: upload one task file (and optionally its .meta.json), got {len(data)}")
+    return str(data[0])
+
+
 def _uploads_as_dir(files, what: str) -> str:
     """Copy uploads into one temporary folder under their original names (so ``<stem>.meta.json`` sidecars
     stay next to their task files) and return the folder."""
@@ -287,14 +301,6 @@ def _image(path: Path):
         return im.copy()
 
 
-def _kwargs_for(fn: Callable, **kw) -> dict:
-    """Only the keyword arguments ``fn`` accepts (optional extras such as trainer callbacks)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return kw
-    return {k: v for k, v in kw.items() if k in params}
-
-
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -312,6 +318,14 @@ def _bar(done: int, total: int, width: int = 20) -> str:
         return "loading model and data…"
     k = round(width * min(done, total) / total)
     return f"{'▰' * k}{'▱' * (width - k)} {done}/{total} steps ({100 * done // total}%)"
+
+
+def _loss_df(points: list[tuple[float, float]]):
+    """(step, loss) points as a float frame (an empty object-typed frame would make the plot's axes ordinal)."""
+    import pandas as pd
+
+    return pd.DataFrame({"step": pd.Series([float(s) for s, _ in points], dtype="float64"),
+                         "loss": pd.Series([float(v) for _, v in points], dtype="float64")})
 
 
 def _df(rows: list[dict], columns: list[str] | None = None):
@@ -488,25 +502,9 @@ def _router_metric_views(router_dir: Path):
     """(per-task accuracy rows, overall markdown, confusion image) from ``router/metrics.json``."""
     mpath = router_dir / "metrics.json"
     metrics = json.loads(mpath.read_text(encoding="utf-8")) if mpath.exists() else {}
-    per_task = None
-    for key in ("per_task_accuracy", "per_task", "test_per_task", "task_accuracy"):
-        v = metrics.get(key)
-        if isinstance(v, dict) and v:
-            per_task = v
-            break
-    if per_task is None:  # e.g. {"test": {"per_task": {...}}}
-        for v in metrics.values():
-            if isinstance(v, dict):
-                for key in ("per_task_accuracy", "per_task"):
-                    if isinstance(v.get(key), dict):
-                        per_task = v[key]
-                        break
-            if per_task:
-                break
+    per_task = metrics.get("per_task_accuracy") or {}   # task -> accuracy (fraction) on the test split
     rows = []
-    for t, a in (per_task or {}).items():
-        if isinstance(a, dict):
-            a = a.get("accuracy", next((x for x in a.values() if isinstance(x, (int, float))), None))
+    for t, a in per_task.items():
         # metrics.json holds fractions; the page shows percentages like the paper's tables
         rows.append({"task": t, "accuracy %": round(100.0 * a, 2) if isinstance(a, (int, float)) else a})
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
@@ -524,7 +522,6 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
     and the routing playground. ``run`` pre-fills every page's folders; ``model`` pre-fills the base model
     (None: ``default`` for training, the adapters' own base model for testing and the playground)."""
     import gradio as gr
-    import pandas as pd
 
     run = str(run) if run else ""
     root = _default_root(run or None)
@@ -537,7 +534,8 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
     rcfg_docs = _field_docs(RouterConfig)
     rdata_fields = _config_fields(RouterDataConfig)
     rdata_docs = _field_docs(RouterDataConfig)
-    choice_fields = {"precision": ["auto", "bf16", "fp32"], "granularity": ["prompt", "sentence"]}
+    choice_fields = {"precision": ["auto", "bf16", "fp32"], "granularity": ["prompt", "sentence"],
+                     "pooling": ["mean", "mean+max"]}
 
     def config_inputs(fields, docs) -> list:
         comps = []
@@ -576,8 +574,8 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                     with gr.Column():
                         l_model = gr.Textbox(value=train_model, label="base model",
                                              info="default | tiny | model folder")
-                        l_upload = gr.File(label="Q/A dataset (JSON DictList or JSONL)", file_count="single",
-                                           file_types=[".json", ".jsonl"])
+                        l_upload = gr.File(label="Q/A dataset (JSON DictList or JSONL; its .meta.json too)",
+                                           file_count="multiple", file_types=[".json", ".jsonl"])
                         l_path = gr.Textbox(label="…or dataset path", placeholder="data/tasks/arith.json")
                         l_task = gr.Textbox(label="task name", info="blank: from the file name / its .meta.json")
                         l_out = gr.Textbox(label="output folder",
@@ -603,19 +601,17 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                 def _train_lora(mdl, upload, path, task, out, over, resume, cfg_vals, request):
                     from . import data, lora
 
-                    data_path = _one_input(upload, path, "dataset")
+                    data_path = _task_file(upload, path)
                     cfg = _config_from_values(LoRATrainConfig, lora_fields, cfg_vals)
                     task = (task or "").strip() or None
                     name = data.read_task(data_path, task=task).name  # validates the file first: quick error
-                    if task is None and _file_list(upload):  # a Gradio upload keeps the original base name
-                        name = data.read_task(data_path).name
                     out_dir = Path(out.strip()) if (out or "").strip() else root / "adapters" / name
                     mdl = (mdl or "default").strip() or "default"
 
                     def work(job: _Job):
-                        extra = _kwargs_for(lora.train_adapter, callbacks=[_loss_callback(job)])
                         return lora.train_adapter(mdl, data_path, out_dir, task=name, config=cfg,
-                                                  overwrite=bool(over), resume=bool(resume), progress=True, **extra)
+                                                  overwrite=bool(over), resume=bool(resume), progress=True,
+                                                  callbacks=[_loss_callback(job)])
 
                     job = _start("lora", request, work)
                     t0 = time.time()
@@ -625,20 +621,19 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                         loss = job.losses[-1][1] if job.losses else None
                         msg = (f"training `{name}` → `{out_dir}` · {_bar(*job.progress)} · {time.time() - t0:.0f} s"
                                + (f" · loss {loss:.4f}" if loss is not None else ""))
-                        return (msg, _df([{"step": s, "loss": l} for s, l in job.losses], ["step", "loss"]), None,
+                        return (msg, _loss_df(job.losses), None,
                                 gr.update())
 
                     path_out = yield from _wait(job, render)
                     meta = lora.read_task_meta(path_out)
-                    rows = [{"step": s, "loss": l} for s, l in job.losses]
-                    if not rows and meta.get("loss_start") is not None:
-                        rows = [{"step": 0.0, "loss": meta["loss_start"]},
-                                {"step": float(meta.get("steps", 1)), "loss": meta.get("loss_end")}]
+                    rows = list(job.losses)
+                    if not rows and isinstance(meta.get("loss_start"), (int, float)):
+                        rows = [(0.0, meta["loss_start"]), (float(meta.get("steps", 1)), meta.get("loss_end"))]
                     msg = (f"done: adapter `{name}` written to `{path_out}` in {time.time() - t0:.1f} s"
                            + (f" — loss {meta.get('loss_start'):.4f} → {meta.get('loss_end'):.4f}"
                               if isinstance(meta.get("loss_start"), (int, float))
                               and isinstance(meta.get("loss_end"), (int, float)) else ""))
-                    yield msg, _df(rows, ["step", "loss"]), meta, str(path_out)
+                    yield msg, _loss_df(rows), meta, str(path_out)
 
                 gr.Markdown("### Test mode\nRun the base model and/or one LoRA on a test file (free generation, "
                             "the `eval` metrics; the test file is scored as the adapter's task).")
@@ -744,8 +739,9 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                         d_upload = gr.File(label="task datasets (one Q/A file per task; .meta.json sidecars too)",
                                            file_count="multiple", file_types=[".json", ".jsonl"])
                         d_folder = gr.Textbox(label="…or a folder of task files", placeholder="data/tasks")
-                        d_adapters = gr.Textbox(value=run, label="adapters (optional)",
-                                                info="run folder or adapters.txt: label order = adapter order")
+                        d_adapters = gr.Textbox(value=run, label="…or adapters (run folder or adapters.txt)",
+                                                info="used when no task files are given: each adapter's training "
+                                                     "file, labels in adapter order")
                         d_out = gr.Textbox(label="output folder", placeholder=f"blank: {root / 'router_data'}")
                         d_over = gr.Checkbox(label="overwrite an existing output folder", value=False)
                     with gr.Column():
@@ -765,7 +761,10 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                     cfg = _config_from_values(RouterDataConfig, rdata_fields, cfg_vals)
                     adapters = (adapters or "").strip() or None
                     have_data = bool(_file_list(files)) or bool((folder or "").strip())
+                    # the library takes exactly one source: task files win, else the adapters' training files
                     data_dir = _data_source(files, folder, "task datasets") if (have_data or not adapters) else None
+                    if data_dir is not None:
+                        adapters = None
                     out_dir = Path(out.strip()) if (out or "").strip() else root / "router_data"
                     job = _start("router_data", request, lambda j: make_router_data(
                         out_dir, adapters=adapters, data_dir=data_dir, config=cfg, overwrite=bool(over)))
@@ -832,7 +831,7 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                     e_cancel = cancel_button()
                 e_status = gr.Markdown("")
                 e_summary = gr.Markdown("")
-                e_plots = gr.Gallery(label="plots", columns=3, height="auto")
+                e_plots = gr.Gallery(label="plots", columns=3, height="auto", object_fit="contain")
                 e_json = gr.JSON(label="summary.json")
 
                 @_friendly
@@ -933,6 +932,7 @@ def build_app(run: str | os.PathLike | None = None, model: str | None = None):
                         else:
                             ups.append(gr.update(visible=False))
                     router_txt = "a router" if getattr(pipe, "router", None) is not None else "no router"
+                    mdl = (mdl or "").strip() or model_for(run_dir)
                     msg = (f"loaded `{mdl}` with {len(names)} adapters ({', '.join(names[:12])}"
                            f"{'…' if len(names) > 12 else ''}) and {router_txt}")
                     return (msg, names, *ups)
@@ -1050,7 +1050,7 @@ def _router_data_views(out_dir: Path):
         per: dict[str, int] = {}
         for r in _read_jsonl(p):
             per[str(r.get("task", r.get("label")))] = per.get(str(r.get("task", r.get("label"))), 0) + 1
-        for t, n in per.items():
+        for t, n in sorted(per.items()):
             counts.append({"split": split, "task": t, "records": n})
     preview = _read_jsonl(out_dir / "train.jsonl", 10) if (out_dir / "train.jsonl").exists() else []
     return _df(counts, ["split", "task", "records"]), _df(preview)

@@ -229,7 +229,8 @@ def test_eval_command_end_to_end_on_tiny_model(cli, tiny_run, tmp_path):
 
     s = json.loads((out / "summary.json").read_text())
     assert {"created", "run", "model", "adapters", "systems", "n_samples", "tasks", "per_task", "averages", "routing",
-            "timing", "target", "command", "config"} <= set(s)
+            "timing", "target", "command", "config", "run_info", "dropped_seen_in_training"} <= set(s)
+    assert 0.0 <= s["run_info"]["router"]["test_accuracy"] <= 1.0  # from router/metrics.json
     assert s["adapters"] == list(TASKS) and s["n_samples"] == 9
     assert [t["task"] for t in s["tasks"]] == list(TASKS)
     assert {t["task"]: t["metric"] for t in s["tasks"]} == {"capitals": "exact", "colors": "accuracy", "echo": "bleu_rouge"}
@@ -349,3 +350,33 @@ def test_dlp_needs_a_router(cli, tiny_run, tmp_path):
               "--out", tmp_path / "o", "--systems", "single,dlp")
     assert_one_line_error(res, "no router")
     assert shutil.which  # keep import used
+
+
+def test_leakage_guard_drops_training_questions(tmp_path):
+    """A test question also in the adapter's training file (dlp_task.json data_file) is dropped and counted."""
+    from dlp_lora.lora import write_adapter_list
+
+    tasks = _tasks(6)
+    train = _write_tasks(tmp_path / "train", [dataclasses.replace(t, records=t.records[:4]) for t in tasks])
+    test = _write_tasks(tmp_path / "test", [dataclasses.replace(t, records=t.records[2:]) for t in tasks])
+    run = tmp_path / "run"
+    dirs = []
+    for t in tasks:
+        d = run / "adapters" / t.name
+        d.mkdir(parents=True)
+        (d / "dlp_task.json").write_text(json.dumps({"task": t.name, "data_file": str((train / f"{t.name}.json").resolve()),
+                                                     "metric": t.metric}))
+        dirs.append(d)
+    write_adapter_list(run / "adapters.txt", dirs)
+    s = evaluate(run, data_dir=test, out_dir=tmp_path / "o", pipeline=FakePipeline(tasks), systems="single",
+                 progress=False)
+    assert s["dropped_seen_in_training"] == {"capitals": 2, "colors": 2, "echo": 2}
+    assert s["n_samples"] == 6
+    rows = [json.loads(l) for l in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    train_q = {r.question for t in tasks for r in t.records[:4]}
+    assert not any(r["prompt"] in train_q for r in rows)
+    assert "were dropped: capitals 2, colors 2, echo 2" in (tmp_path / "o" / "summary.md").read_text()
+    # every test question seen in training: an empty test set, one-line error
+    with pytest.raises(DLPError, match="empty test set"):
+        evaluate(run, data=[train / "capitals.json"], out_dir=tmp_path / "o2", pipeline=FakePipeline(tasks),
+                 systems="single", progress=False)

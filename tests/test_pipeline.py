@@ -334,3 +334,22 @@ def test_cli_bad_input(cli, tiny_model_path, run_dir, adapters, tmp_path):
     assert_one_line_error(cli("export-mixture", "--run", run_dir, "--model", tiny_model_path, "--weights",
                               "alpha=0", "--out", tmp_path / "z"), "zero")
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.slow
+def test_default_model_greedy_single_adapter_equals_peft(tmp_path):
+    """SmolLM2-135M: a routed one-adapter mixture generates exactly PEFT's greedy text; a 2-adapter mixture of a
+    per-row batch equals each row alone."""
+    from peft import PeftModel
+
+    model, tok = load_model("default", device="cpu", dtype="fp32")
+    dirs = [make_random_adapter(model, tmp_path / n, seed=i, task=n, rank=8, alpha=16) for i, n in enumerate(NAMES)]
+    peft_model = PeftModel.from_pretrained(load_model("default", device="cpu", dtype="fp32")[0], dirs[2]).eval()
+    prompts = ["What is the capital of France?", "Sort these words: pear, apple."]
+    want = _hf_greedy(peft_model, tok, prompts, 12)
+    pipe = DLPPipeline(model, tok, fuse_adapters(model, dirs), StubRouter({"": 2}))
+    assert [r.text for r in pipe.generate(prompts, granularity="prompt", max_new_tokens=12)] == want
+    mix = [{"alpha": 0.6, "beta": 0.4}, {"gamma": 1.0}]
+    both = pipe.generate(prompts, weights=mix, max_new_tokens=12)
+    assert [pipe.generate([p], weights=[m], max_new_tokens=12)[0].text for p, m in zip(prompts, mix)] == \
+        [r.text for r in both]

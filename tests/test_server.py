@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from helpers_server import TASKS, build_run, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
+from helpers_server import TASKS, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
 
 from dlp_lora.config import DLPError
 from dlp_lora.server import ServeConfig, create_app

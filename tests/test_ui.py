@@ -42,6 +42,12 @@ def table(v) -> list[dict]:
     return [dict(zip(v["headers"], row)) for row in v["data"]]
 
 
+def text_of(message: dict) -> str:
+    """A chatbot message's text (Gradio 6 hands content back as a list of parts)."""
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+
 def one_line_error(excinfo) -> str:
     msg = str(excinfo.value)
     assert "Traceback" not in msg
@@ -57,8 +63,10 @@ def test_train_lora_page_trains_and_shows_loss(client, ui_run, tiny_model_path, 
     from gradio_client import handle_file
 
     out = tmp_path / "adapters" / "arith_ui"
+    data = ui_run.parent / "data"
+    uploads = [handle_file(str(data / "arithmetic.json")), handle_file(str(data / "arithmetic.meta.json"))]
     status, loss, info, adapter = client.predict(
-        str(tiny_model_path), handle_file(str(ui_run.parent / "data" / "arithmetic.json")), "", "arith_ui",
+        str(tiny_model_path), uploads, "", "arith_ui",
         str(out), False, False,
         *cfg_values(LoRATrainConfig, max_steps=3, logging_steps=1, batch_size=4, max_length=64, save_steps=3),
         api_name="/train_lora")
@@ -67,6 +75,7 @@ def test_train_lora_page_trains_and_shows_loss(client, ui_run, tiny_model_path, 
     meta = json.loads((out / "dlp_task.json").read_text())
     assert meta["task"] == "arith_ui" and info["task"] == "arith_ui"
     assert meta["steps"] == 3
+    assert meta["metric"] == json.loads((data / "arithmetic.meta.json").read_text())["metric"]  # sidecar kept
     assert Path(adapter) == out.absolute() or Path(adapter) == out
     assert loss["columns"] == ["step", "loss"]
     assert [r[0] for r in loss["data"]] == [1.0, 2.0, 3.0]  # the live loss: one point per step (logging_steps=1)
@@ -99,7 +108,7 @@ def test_errors_are_one_line_messages(client, tiny_model_path, tmp_path):
         client.predict(str(tiny_model_path), None, str(bad), "", "", False, False, *cfg_values(LoRATrainConfig),
                        api_name="/train_lora")
     msg = one_line_error(e)
-    assert "bad.json" in msg and "1" in msg  # names the file and the bad record
+    assert "bad.json: record 1: field 'A'" in msg  # names the file, the record and the field
 
     with pytest.raises(AppError) as e:  # a hyper-parameter rejected by the config's validation
         client.predict(str(tiny_model_path), None, str(bad), "", "", False, False,
@@ -218,9 +227,9 @@ def test_eval_page_writes_test_outputs(client, ui_run, tmp_path):
 # -------------------------------------------------------------------------------------------------------------
 
 def playground_args(ui_run, tiny_model_path, prompt, *, manual=False, sliders=(), more="", history=None,
-                    gran="sentence"):
+                    gran="sentence", use_history=False):
     s = list(sliders) + [0.0] * (32 - len(sliders))
-    return [prompt, history or [], str(ui_run), str(tiny_model_path), "", 0.8, "paper", gran, 12, 0.0, False,
+    return [prompt, history or [], str(ui_run), str(tiny_model_path), "", 0.8, "paper", gran, 12, 0.0, use_history,
             manual, True, more, *s]
 
 
@@ -231,15 +240,26 @@ def test_playground_routes_each_sentence_and_draws_the_chart(client, ui_run, tin
         *playground_args(ui_run, tiny_model_path, "What is 3 plus 4? What is the capital of France?"),
         api_name="/generate")
     assert chat[-2]["role"] == "user" and chat[-1]["role"] == "assistant"
+    assert text_of(chat[-2]) == "What is 3 plus 4? What is the capital of France?" and text_of(chat[-1])
     assert "routing decision" in status and prompt == ""
     rows = table(routing)
     assert len(rows) >= 2  # one routing decision per prompt sentence at least
     assert rows[0]["sentence"].startswith("What is 3 plus 4?")
+    assert rows[1]["sentence"].startswith("What is the capital of France?")
+    # the fixture's router separates the two built-in tasks: each sentence goes to its own task
+    assert rows[0]["top task"].startswith("arithmetic") and rows[1]["top task"].startswith("capitals")
     assert Path(chart).is_file()
     from PIL import Image
 
     with Image.open(chart) as im:
         assert im.size[0] > 300 and im.size[1] > 100
+
+    # chat mode: earlier turns go through the chat template; prompt granularity routes once on the whole prompt
+    chat2, status, _, routing, _ = client.predict(
+        *playground_args(ui_run, tiny_model_path, "And what is 5 plus 6?", history=chat, use_history=True,
+                         gran="prompt"), api_name="/generate")
+    assert len(chat2) == len(chat) + 2 and text_of(chat2[-2]) == "And what is 5 plus 6?"
+    assert table(routing)[0]["selected"] != ""
 
 
 def test_playground_manual_mixture_and_base(client, ui_run, tiny_model_path):
@@ -334,3 +354,69 @@ def test_cli_ui_missing_run_is_one_line_error(cli, tmp_path):
 
     res = cli("ui", "--run", tmp_path / "nope")
     assert_one_line_error(res, "nope", "run folder not found")
+
+
+def test_cli_ui_serves_the_app_on_loopback(ui_run, tiny_model_path):
+    """`dlp-lora ui` in a real subprocess: serves the page on 127.0.0.1, pre-filled with the run."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from helpers_ui import free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "dlp_lora", "ui", "--run", str(ui_run), "--model",
+                             str(tiny_model_path), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        body = None
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as r:
+                    body = r.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert str(ui_run) in body and "Playground" in body
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}" in out and "Traceback" not in out, out
+
+
+def test_jobs_stop_cooperatively_or_are_interrupted():
+    from dlp_lora.ui import JobCancelled, _Job, cancel_job, error_message
+
+    def polite(job):  # checks the stop flag (like the trainer callback and the generation hook)
+        while not job.stop.wait(0.01):
+            pass
+        return "stopped politely"
+
+    j = _Job(polite)
+    j.cancel()
+    assert j.done.is_set() and j.result == "stopped politely"
+
+    def stubborn(job):  # never looks at the flag: the worker thread is interrupted
+        x = 0
+        while True:
+            x += 1
+
+    j = _Job(stubborn)
+    j.cancel(grace_s=0.2)
+    assert j.done.wait(10) and isinstance(j.error, JobCancelled)
+    assert error_message(j.error) == "cancelled"
+    assert cancel_job("nothing-runs-here") == "nothing to cancel"
+
+
+def test_error_message_is_one_line():
+    from dlp_lora.config import DLPError
+    from dlp_lora.ui import error_message
+
+    assert error_message(DLPError("a.json: record 2: field 'Q': missing\nmore")) == "a.json: record 2: field 'Q': missing"
+    msg = error_message(ValueError("boom\nline two"))
+    assert msg.startswith("internal error: ValueError: boom") and "\n" not in msg

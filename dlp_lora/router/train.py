@@ -304,7 +304,9 @@ class Router:
         self.kind = config.kind
         self.path = path
         self.device = device
-        self.tokenizer_id = config.tokenizer
+        # The base-model tokenizer identity this router depends on (the pipeline compares it with its base
+        # model's). None for a router with its own pretrained tokenizer: it reads text, not the base vocabulary.
+        self.tokenizer_id = config.tokenizer if config.tokenizer_source == "base" else None
         if self.kind == "mlp":
             self.encoder = TokenEncoder(tokenizer, config.max_tokens)
         else:
