@@ -126,10 +126,12 @@ class BenchConfig:
         check(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be >= 0, got {self.warmup!r}")
         check(isinstance(self.threads, int) and self.threads >= 0, f"threads must be >= 0, got {self.threads!r}")
         check(isinstance(self.layers, int) and self.layers >= 0, f"layers must be >= 0, got {self.layers!r}")
-        check(isinstance(self.n_adapters, int) and self.n_adapters >= 2, f"n_adapters must be >= 2, got {self.n_adapters!r}")
+        check(isinstance(self.n_adapters, int) and self.n_adapters >= 2,
+              f"n_adapters must be >= 2, got {self.n_adapters!r}")
         self.scaling_list()
         check(isinstance(self.rank, int) and self.rank > 0, f"rank must be > 0, got {self.rank!r}")
-        check(isinstance(self.max_selected, int) and self.max_selected >= 1, f"max_selected must be >= 1, got {self.max_selected!r}")
+        check(isinstance(self.max_selected, int) and self.max_selected >= 1,
+              f"max_selected must be >= 1, got {self.max_selected!r}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         for name in ("prompt_len", "new_tokens", "merge_new_tokens", "router_sentences"):
             v = getattr(self, name)
@@ -1063,10 +1065,14 @@ def profile_call(fn: Callable[[], Any], device: str, rows: int = 14) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
-        fn()
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
+    for _ in range(2):  # a profiler session has come back empty once in a long run; one retry
+        with profile(activities=acts) as prof:
+            fn()
+        table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48)
+        if table.strip():
+            return table
+    return "(torch.profiler returned no events)"
 
 
 def _profile_missed(ctx: _Ctx, row: str) -> dict:
@@ -1277,7 +1283,8 @@ def run_bench(model: str = "tiny", quick: bool = False, only: str | list | None 
     print(f"bench: torch threads = {threads} (fixed), device = {device}, model = {cfg.model}, "
           f"rows = {','.join(cfg.rows())}{', quick' if cfg.quick else ''}", flush=True)
     t_start = time.time()
-    results: dict[str, Any] = {"schema": 1, "name": name, "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results: dict[str, Any] = {"schema": 1, "name": name, "created": created,
                                "command": command or _command_line(cfg, out),
                                "machine": machine_info(device), "threads": threads, "versions": versions(),
                                "device": device, "config": dataclasses.asdict(cfg), "rows": {}, "profiles": {}}
@@ -1316,9 +1323,9 @@ def run_bench(model: str = "tiny", quick: bool = False, only: str | list | None 
 
 def pick_threads(threads: int, device: str) -> str:
     """Fix the torch thread count (the protocol prints it). ``0`` = torch's default, except on a CPU that is
-    already busy (1-minute load average >= CPU count): then 1, because OpenMP threads waiting for each other on
-    an oversubscribed machine turn every figure into scheduler noise (measured here: tiny model, 2 threads under
-    load = 8x slower per token than 1 thread). Returns a note when the automatic choice applied."""
+    already busy (1-minute load average >= half the CPU count): then 1, because OpenMP threads waiting for each
+    other on an oversubscribed machine turn every figure into scheduler noise (measured here: tiny model,
+    2 threads under load = 8x slower per token than 1 thread). Returns a note when the automatic choice applied."""
     import torch
 
     if threads:
@@ -1329,7 +1336,7 @@ def pick_threads(threads: int, device: str) -> str:
             load, cpus = os.getloadavg()[0], os.cpu_count() or 1
         except OSError:
             return ""
-        if load >= cpus and torch.get_num_threads() > 1:
+        if load >= cpus / 2 and torch.get_num_threads() > 1:
             torch.set_num_threads(1)
             return (f"threads: 1 chosen automatically (load average {load:.1f} on {cpus} CPUs at start; "
                     "pass --threads N to override)")

@@ -371,7 +371,8 @@ def cmd_train_router(args) -> int:
             kw[name] = getattr(args, name)
     cfg = RouterConfig(kind=args.router, pretrained=args.pretrained or "", **kw)
     out = train_router(args.data, args.model, args.out, config=cfg, overwrite=args.overwrite,
-                       progress=not args.no_progress, adapters=args.adapters)
+                       progress=not args.no_progress, adapters=args.adapters, resume=args.resume,
+                       checkpoint_seconds=args.checkpoint_seconds)
     m = json.loads((Path(out) / "metrics.json").read_text())
     print(f"parameters: {m['params']:,}   epochs: {m['epochs_run']} (best {m['best_epoch']})   "
           f"train time: {m['train_seconds']:.1f}s")
@@ -408,6 +409,9 @@ def _p_train_router(sub) -> None:
     p.add_argument("--token-dropout", type=float, default=None, help="mini-MLP: training token dropout (default 0.25)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing router folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoint")
+    p.add_argument("--checkpoint-seconds", type=float, default=10.0,
+                   help="checkpoint after an epoch when this long has passed since the last one (default 10; 0: every epoch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_router)
 
@@ -569,6 +573,8 @@ def cmd_generate(args) -> int:
         raise DLPError("give exactly one of --prompt or --input")
     if not (0.0 < args.top_p <= 1.0):
         raise DLPError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.run and not Path(args.run).exists():
+        raise DLPError(f"{args.run}: run folder not found")
     prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.input)
     router = args.router
     if router is None and args.run and (Path(args.run) / "router").is_dir():
@@ -678,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library advisories are not the user's business
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

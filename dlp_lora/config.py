@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -33,16 +34,40 @@ def check(cond: bool, msg: str) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder + rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise DLPError(f"{path}: cannot write ({_os_reason(e)})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # full disk, read-only file system, ...: one line, nothing half written
+            raise DLPError(f"{path}: cannot write ({_os_reason(e)})") from None
         raise
+
+
+# errno values that mean "the output location cannot take this artifact" (not a problem of the inputs)
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def _os_reason(e: OSError) -> str:
+    return e.strerror or e.__class__.__name__
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse an output path below an existing file (e.g. ``out.json/x``) with a one-line error."""
+    path = Path(path).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DLPError(f"{path}: cannot create it: {parent} is a file, not a folder")
+            return
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -60,8 +85,12 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     final = Path(final)
     if final.exists() and not overwrite:
         raise DLPError(f"{final}: already exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    check_output_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as e:
+        raise DLPError(f"{final}: cannot create the output folder ({_os_reason(e)})") from None
     try:
         yield tmp
         if final.exists():
@@ -71,8 +100,10 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS:  # full disk / read-only: one line, no artifact
+            raise DLPError(f"{final}: cannot write ({_os_reason(e)})") from None
         raise
 
 

@@ -28,7 +28,7 @@ class DemoConfig:
     """What the demo runs; ``--quick`` swaps in :data:`QUICK` (tiny model, a few steps)."""
 
     model: str = "default"                  # base model: "default" (SmolLM2-135M-Instruct), "tiny" or a folder
-    tasks: str = "arithmetic,unit_conversion,word_sorting,boolean_logic,date_arithmetic,counting"
+    tasks: str = "arithmetic,boolean_logic,counting,date_arithmetic,word_reversal,word_sorting"
     n_train: int = 256                      # training records per task (also the router's source data)
     n_test: int = 24                        # held-out test questions per task
     max_steps: int = 40                     # LoRA optimiser steps per task
@@ -132,7 +132,7 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
         lcfg = LoRATrainConfig(rank=cfg.rank, alpha=2.0 * cfg.rank, learning_rate=cfg.learning_rate,
                                max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                save_steps=max(10, cfg.max_steps // 2), logging_steps=max(1, cfg.max_steps // 8),
-                               max_length=192)
+                               max_length=128)
         train_adapters(str(model_path), data_dir / "train", out, config=lcfg, resume=True)
     timings["adapters"] = time.time() - t
 

@@ -76,8 +76,9 @@ def read_task_name(adapter_dir: str | os.PathLike) -> str:
             meta = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DLPError(f"{f}: cannot read ({e.__class__.__name__})") from None
-        if isinstance(meta, dict) and isinstance(meta.get("task"), str) and meta["task"].strip():
-            return meta["task"]
+        if not (isinstance(meta, dict) and isinstance(meta.get("task"), str) and meta["task"].strip()):
+            raise DLPError(f"{f}: field 'task': missing or not a non-empty string")
+        return meta["task"]
     return d.resolve().name
 
 
@@ -124,8 +125,25 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
         parts.setdefault(mod, {})[m.group("ab")] = t
     if not parts:
         raise DLPError(f"{wpath}: no LoRA tensors")
-    alpha0 = float(cfg.get("lora_alpha", 8))
+    # The config must describe the tensors: a config that lies about rank/alpha/targets would give PEFT (and any
+    # LoRA server) another adapter than the one we fuse, so it is refused rather than silently trusted.
+    _num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    rank_pattern = cfg.get("rank_pattern") or {}
+    for field, pat in (("alpha_pattern", alpha_pattern), ("rank_pattern", rank_pattern)):
+        if not isinstance(pat, dict) or not all(_num(v) for v in pat.values()):
+            raise DLPError(f"{cfg_path}: field {field!r}: expected an object of numbers")
+    if not _num(cfg.get("lora_alpha", 8)):
+        raise DLPError(f"{cfg_path}: field 'lora_alpha': expected a number, got {cfg.get('lora_alpha')!r}")
+    r_cfg = cfg.get("r", 8)
+    if not (isinstance(r_cfg, int) and not isinstance(r_cfg, bool) and r_cfg > 0):
+        raise DLPError(f"{cfg_path}: field 'r': expected a positive integer, got {r_cfg!r}")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        targets = None if targets == "all-linear" else targets   # a regex (PEFT's string form)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise DLPError(f"{cfg_path}: field 'target_modules': expected a list of module names or a string")
+    alpha0 = float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     modules = {}
     for mod, ab in sorted(parts.items()):
@@ -135,6 +153,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise DLPError(f"{wpath}: module {mod}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit")
         r = A.shape[0]
+        rkey = _pattern_key(list(rank_pattern), mod)
+        r_want = int(rank_pattern[rkey]) if rkey is not None else r_cfg
+        if r != r_want:
+            field = f"rank_pattern[{rkey!r}]" if rkey is not None else "r"
+            raise DLPError(f"{cfg_path}: field {field!r}: says rank {r_want}, but module {mod} has rank {r} in "
+                           f"{WEIGHTS_FILE}")
+        if isinstance(targets, list) and targets and not any(mod == t or mod.endswith("." + t) for t in targets):
+            raise DLPError(f"{cfg_path}: field 'target_modules': {targets} does not include module {mod} of "
+                           f"{WEIGHTS_FILE}")
         key = _pattern_key(list(alpha_pattern), mod)
         alpha = float(alpha_pattern[key]) if key is not None else alpha0
         scale = alpha / math.sqrt(r) if rslora else alpha / r
@@ -494,6 +521,34 @@ class FusedAdapters:
             raise DLPError("fused adapters: already detached from the model")
 
 
+def _check_base_model(model: nn.Module, adapters: list[dict]) -> None:
+    """Refuse adapters whose ``dlp_task.json`` records another base model (architecture fingerprint): layers of
+    equal shape would otherwise take weights trained for a different network without any error."""
+    from .models import model_identity
+
+    if not hasattr(model, "config"):
+        return
+    mine = None
+    for a in adapters:
+        f = Path(a["path"]) / TASK_FILE
+        if not f.is_file():
+            continue                      # adapters trained elsewhere carry no record; the shape checks apply
+        try:
+            base = json.loads(f.read_text(encoding="utf-8")).get("base_model")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue                      # read_task_name already reported unreadable files
+        if not isinstance(base, dict) or not base.get("fingerprint"):
+            continue
+        mine = mine or model_identity(model)
+        if base["fingerprint"] != mine["fingerprint"]:
+            what = ", ".join(f"{k}={base.get(k)}" for k in ("model_type", "hidden_size", "num_hidden_layers")
+                             if base.get(k) != mine.get(k))
+            what = what or f"fingerprint {base['fingerprint']}"
+            raise DLPError(f"{f}: field 'base_model': trained on another base model ({what}) than the one loaded "
+                           f"({mine.get('model_type')}, hidden {mine.get('hidden_size')}, "
+                           f"{mine.get('num_hidden_layers')} layers)")
+
+
 def fuse_adapters(model: nn.Module, adapter_dirs: Sequence[str | os.PathLike], names: Sequence[str] | None = None,
                   ) -> FusedAdapters:
     """Wrap every linear layer targeted by any adapter with a :class:`FusedLoRALinear` (in place; no copy of the
@@ -528,6 +583,7 @@ def fuse_adapters(model: nn.Module, adapter_dirs: Sequence[str | os.PathLike], n
                 raise DLPError(f"{a['path']}: module {mod}: adapter shape {B.shape[0]}x{A.shape[1]} does not match "
                                f"the base layer {m.out_features}x{m.in_features} (adapter trained on another base model?)")
             targets[mod] = m
+    _check_base_model(model, adapters)   # after the shape checks, which name the module that does not fit
     device = next(model.parameters()).device
     state = MixtureState(n, device)
     layers: dict[str, FusedLoRALinear] = {}

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import (DLPError, LoRATrainConfig, atomic_dir, atomic_write_json, atomic_write_text, config_to_dict,
+from .config import (DLPError, LoRATrainConfig, atomic_dir, check_output_path, atomic_write_json, atomic_write_text, config_to_dict,
                      save_config)
 from .data import TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
 
@@ -252,6 +252,7 @@ def train_adapter(model_spec: str | os.PathLike, data_path: str | os.PathLike, o
     task_data = read_task(data_path, task=task, metric=metric)
     if out.exists() and not out.is_dir():
         raise DLPError(f"{out}: output exists and is a file")
+    check_output_path(out)
     if resume and is_finished_adapter(out):
         if progress and is_main_process():
             print(f"{out}: already trained (resume): kept")

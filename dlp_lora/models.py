@@ -172,6 +172,12 @@ def pick_device(device: str | None = None) -> str:
     import torch
 
     if device:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise DLPError(f"unknown device {device!r} (choose cpu, cuda, cuda:N, mps)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DLPError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -216,11 +222,18 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = Non
     device = pick_device(device)
     if not any(p.suffix == ".safetensors" for p in path.iterdir()):
         raise DLPError(f"{path}: no *.safetensors weights (pickled weights are never loaded)")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 0.2 s load needs no "Loading weights" bar in every command's output
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device), use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except Exception as e:
         raise DLPError(f"{path}: cannot load model ({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

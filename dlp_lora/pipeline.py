@@ -507,6 +507,8 @@ def parse_weights(spec: str) -> dict[str, float]:
             raise DLPError(f"--weights: {part!r}: {val!r} is not a number") from None
         if not math.isfinite(v) or v < 0:
             raise DLPError(f"--weights: {part!r}: weight must be finite and >= 0")
+        if name.strip() in out:
+            raise DLPError(f"--weights: task {name.strip()!r} is given twice")
         out[name.strip()] = v
     if not out:
         raise DLPError("--weights: empty (expected task=weight,task=weight)")

@@ -2,7 +2,7 @@
 # Re-creates RESULTS.md: SmolLM2-135M-Instruct ("default") task LoRAs on the built-in suite and on real tasks from
 # ../shared/data, a mini-MLP router per run, then `dlp-lora eval` (base / single / dlp / uniform), which writes
 # TestOutputs/results_* and its own section of RESULTS.md. Sized for a shared 2-core CPU: short LoRA training
-# (40 steps x batch 4), 8-10 test samples per task. Stages whose output exists are kept (re-runs resume);
+# (40 steps x batch 4), 40 test samples per task. Stages whose output exists are kept (re-runs resume);
 # RESULTS_FRESH=1 starts from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ $DLP train-lora --data-dir $W/builtin_train --out $W/builtin_run $TRAIN
   --out $W/builtin_run/router --adapters $W/builtin_run
 
 # evaluation: same samples for every system; the command writes its own section of RESULTS.md
-$DLP eval --run $W/builtin_run --data-dir $W/builtin_test --limit 8 --batch-size 16 --out TestOutputs/results_builtin \
+$DLP eval --run $W/builtin_run --data-dir $W/builtin_test --limit 40 --batch-size 16 --out TestOutputs/results_builtin \
   --overwrite --results-md RESULTS.md --results-commands scripts/results.sh
 
 # ---- 2. real tasks from ../shared/data (short inputs that fit the CPU): StrategyQA + 2 BIG-Bench-Hard tasks
@@ -43,5 +43,9 @@ $DLP train-lora --data-dir $W/real_train --out $W/real_run $TRAIN
 [ -d $W/real_run/router ] || $DLP train-router --data $W/real_run/router_data --model default \
   --out $W/real_run/router --adapters $W/real_run
 
-$DLP eval --run $W/real_run --data-dir $W/real_test --limit 10 --batch-size 10 --out TestOutputs/results_real \
+$DLP eval --run $W/real_run --data-dir $W/real_test --limit 40 --batch-size 16 --out TestOutputs/results_real \
   --overwrite --results-md RESULTS.md --results-commands scripts/results.sh
+
+# the paper's Eq. 5 with every adapter kept (top-p 1.0): shows what the softmax over kept probabilities does
+$DLP eval --run $W/real_run --data-dir $W/real_test --limit 40 --batch-size 16 --systems single,dlp,uniform \
+  --top-p 1.0 --out TestOutputs/results_real_top_p1 --overwrite --results-md RESULTS.md --results-commands scripts/results.sh

@@ -79,3 +79,29 @@ def assert_one_line_error(res: CLIResult, *needles: str, code: int = 1) -> None:
 def _is_noise(line: str) -> bool:
     # progress bars and library warnings are not our error message
     return "it/s]" in line or "%|" in line or "Warning" in line or line.startswith("  warnings.warn")
+
+
+def build_tiny_run(model_path: Path, root: Path, tasks=("arithmetic", "capitals", "word_sorting")) -> Path:
+    """A tiny trained run folder: RUN/adapters/<task>/ (2 LoRA steps each), RUN/adapters.txt, RUN/router_data/,
+    RUN/router/ (a small mini-MLP), plus RUN/data/ (the built-in task files it was trained on)."""
+    from dlp_lora.config import LoRATrainConfig, RouterConfig, RouterDataConfig
+    from dlp_lora.lora import train_adapters
+    from dlp_lora.router import make_router_data, train_router
+    from dlp_lora.tasks import write_builtin_tasks
+
+    run = root / "run"
+    data = root / "data"
+    write_builtin_tasks(data, n=30, seed=0, tasks=list(tasks))
+    train_adapters(model_path, data, run, LoRATrainConfig(max_steps=2, batch_size=4, max_length=64, save_steps=50),
+                   progress=False)
+    make_router_data(run / "router_data", adapters=run, config=RouterDataConfig(val_frac=0.2, test_frac=0.2),
+                     progress=False)
+    train_router(run / "router_data", model_path, run / "router",
+                 RouterConfig(epochs=3, embed_dim=16, hidden_dim=32, batch_size=16), progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_path, tmp_path_factory) -> Path:
+    """A tiny trained run (see build_tiny_run); shared, read-only by convention: copy it before changing it."""
+    return build_tiny_run(tiny_model_path, tmp_path_factory.mktemp("tiny_run"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -106,18 +107,107 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file per run, rewritten atomically after every epoch (resume with resume=True)
+# ----------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def router_work_dir(out_dir: str | os.PathLike) -> Path:
+    """The hidden folder beside ``out_dir`` that holds the checkpoint of an unfinished training."""
+    out = Path(out_dir).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+def _save_checkpoint(path: Path, model, opts, gen: torch.Generator, state: dict, best_state: dict | None) -> None:
+    """Model, optimiser and RNG state + the loop state (JSON in the safetensors metadata), in ONE file written
+    to a temp name and renamed, so a kill at any moment leaves the previous checkpoint or the new one."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    opt_meta = []
+    for i, o in enumerate(opts):
+        sd = o.state_dict()
+        numbers = {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"opt{i}.{pid}.{k}"] = v.detach().contiguous()
+                else:
+                    numbers[f"{pid}.{k}"] = v
+        opt_meta.append({"param_groups": sd["param_groups"], "numbers": numbers})
+    tensors["rng.gen"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"state": json.dumps({**state, "optimizers": opt_meta})}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, opts, gen: torch.Generator) -> tuple[dict, dict | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise DLPError(f"{path}: cannot read the checkpoint ({e.__class__.__name__}); rerun without --resume") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    for i, (o, om) in enumerate(zip(opts, state["optimizers"])):
+        st: dict = {}
+        for k, v in tensors.items():
+            if k.startswith(f"opt{i}."):
+                _, pid, name = k.split(".", 2)
+                st.setdefault(int(pid), {})[name] = v
+        for k, v in om["numbers"].items():
+            pid, name = k.split(".", 1)
+            st.setdefault(int(pid), {})[name] = v
+        o.load_state_dict({"state": st, "param_groups": om["param_groups"]})
+    gen.set_state(tensors["rng.gen"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state, best
+
+
+def _resume_key(config: RouterConfig, data_dir, labels: list[str], base_id: str) -> str:
+    """What must be equal for a checkpoint to be continued: options, data files, labels, tokenizer."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(config), labels, base_id], sort_keys=True).encode())
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
+        f = Path(data_dir) / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out_dir: str | os.PathLike,
                  config: RouterConfig = RouterConfig(), overwrite: bool = False, progress: bool = True,
-                 adapters=None) -> Path:
+                 adapters=None, resume: bool = False, checkpoint_seconds: float = 10.0) -> Path:
     """Train a router on ``data_dir`` (from ``make_router_data``) with the tokenizer of ``model_spec`` and write
     the router folder ``out_dir`` (see the module doc). ``adapters`` (optional adapters.txt / run folder /
-    list): refuse router data whose labels differ from the adapters' task names."""
+    list): refuse router data whose labels differ from the adapters' task names.
+
+    After every epoch the whole training state is checkpointed in ``.<out>.partial/checkpoint.safetensors``;
+    ``resume=True`` continues an interrupted training from there (same options and data required) and returns a
+    finished ``out_dir`` as it is. The resumed run ends with the same weights as an uninterrupted one.
+    ``checkpoint_seconds``: write the checkpoint after an epoch only when this long has passed since the last
+    one (0: after every epoch), so that big routers with fast epochs do not spend their time writing."""
     from tqdm.auto import tqdm
 
     from ..models import load_tokenizer, tokenizer_identity
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    work = router_work_dir(out_dir)
+    if resume and out_dir.is_dir() and (out_dir / ROUTER_WEIGHTS).is_file() and not work.exists():
+        if progress:
+            print(f"{out_dir}: already trained (resume): kept")
+        return out_dir
+    if out_dir.exists() and not overwrite and not resume:
         raise DLPError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     labels, splits = read_router_data(data_dir)
     if adapters is not None:
@@ -143,7 +233,29 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
     has_val = len(enc["val"]) > 0
     best = (-1.0, float("inf"))
     best_state, best_epoch, bad, history = None, 0, 0, []
-    bar = tqdm(range(1, config.epochs + 1), desc="train router", disable=not progress, unit="epoch")
+    key = _resume_key(config, data_dir, labels, base_id)
+    ckpt = work / CHECKPOINT
+    start, stopped = 1, False
+    if resume and ckpt.is_file():
+        st, best_state = _load_checkpoint(ckpt, model, opts, gen)
+        if st.get("key") != key:
+            raise DLPError(f"{work}: the interrupted training used other data or options "
+                           f"(rerun without --resume to start over)")
+        start, history, bad, best_epoch, stopped = st["epoch"] + 1, st["history"], st["bad"], st["best_epoch"], \
+            st["stopped"]
+        best = tuple(st["best"])
+        if progress:
+            print(f"resuming router training after epoch {st['epoch']}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)     # a stale checkpoint of other options/data
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DLPError(f"{work}: cannot create the checkpoint folder ({e.strerror or e.__class__.__name__})") from None
+    resumed_from = start - 1
+    last_save = time.time()
+    bar = tqdm(range(start, config.epochs + 1) if not stopped else [], desc="train router", disable=not progress,
+               unit="epoch", initial=start - 1, total=config.epochs)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen)
@@ -173,8 +285,14 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-            if bad >= config.patience:
-                break
+            stopped = bad >= config.patience
+        if time.time() - last_save >= checkpoint_seconds and not stopped and epoch < config.epochs:
+            _save_checkpoint(ckpt, model, opts, gen, {"key": key, "epoch": epoch, "history": history, "bad": bad,
+                                                      "best_epoch": best_epoch, "best": list(best), "stopped": stopped},
+                             best_state)
+            last_save = time.time()
+        if stopped:
+            break
     bar.close()
     train_seconds = time.time() - t0
     if best_state is not None:
@@ -189,7 +307,7 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
         "train_seconds": round(train_seconds, 3), "tokenize_seconds": round(tokenize_seconds, 3),
         "records": {s: len(e) for s, e in enc.items()}, "history": history, "data": str(Path(data_dir).absolute()),
         "model": str(model_spec), "base_tokenizer": base_id, "tokenizer_source": source,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "resumed_from_epoch": resumed_from,
     })
     comp = Path(data_dir) / COMPOSITE_FILE
     if comp.is_file():
@@ -210,6 +328,7 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
         plot_confusion(metrics["confusion"], labels, tmp / "confusion.png",
                        title=f"router {config.kind}: {metrics['confusion_split']} accuracy "
                              f"{metrics.get(metrics['confusion_split'] + '_accuracy', float('nan')):.4f}")
+    shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 
