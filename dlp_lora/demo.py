@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from .config import (DLPError, GenerationConfig, LoRATrainConfig, RouterConfig, RouterDataConfig, atomic_dir,
+from .config import (DLPError, LoRATrainConfig, RouterConfig, RouterDataConfig, atomic_dir, atomic_write_json,
                      check, save_config)
 
 
@@ -73,6 +72,29 @@ def _stage(name: str, path: Path, force: bool) -> bool:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     _say(f"[{name}] -> {path}")
     return True
+
+
+def _Estimate(total_steps: int):
+    """A Trainer callback that prints, once, how long all adapters will take (from the first steps' pace)."""
+    from transformers import TrainerCallback
+
+    class Estimate(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0: float | None = None
+            self.done = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.done:
+                return
+            if state.global_step == 1:  # step 1 includes warm-up costs; time from here
+                self.t0 = time.time()
+            elif self.t0 is not None and state.global_step == 4:
+                per_step = (time.time() - self.t0) / 3
+                _say(f"\n[adapters] estimate: ~{per_step:.1f} s/step -> ~{per_step * total_steps / 60:.1f} min "
+                     f"for {total_steps} steps in all")
+                self.done = True
+
+    return Estimate()
 
 
 def _make_data(cfg: DemoConfig, data_dir: Path) -> None:
@@ -133,7 +155,8 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
                                max_steps=cfg.max_steps, batch_size=cfg.batch_size, seed=cfg.seed,
                                save_steps=max(10, cfg.max_steps // 2), logging_steps=max(1, cfg.max_steps // 8),
                                max_length=128)
-        train_adapters(str(model_path), data_dir / "train", out, config=lcfg, resume=True)
+        train_adapters(str(model_path), data_dir / "train", out, config=lcfg, resume=True,
+                       callbacks=[_Estimate(n_tasks * cfg.max_steps)])
     timings["adapters"] = time.time() - t
 
     from .router import make_router_data, train_router
@@ -182,6 +205,8 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
             _say(f"   [{r['sentence'][:60]!r}] -> {mix or 'base model'}")
         live.append({"prompt": prompt, "text": res.text, "routing": res.routing})
     timings["total"] = time.time() - t_start
+    atomic_write_json(out / "demo_summary.json", {"timings_s": timings, "live": live,
+                                                  "eval": str(eval_dir), "config": dataclasses.asdict(cfg)})
     _say(f"\nArtifacts: {out}/ (adapters.txt, adapters/, router_data/, router/, eval/ with plots/)")
     _say(f"Total time: {timings['total']:.0f}s")
     _say(f"Web app:  dlp-lora ui --run {out} --model {cfg.model}")
