@@ -38,6 +38,7 @@ CATEGORY_NAMES = {
     "adapters_txt": "adapters.txt (`generate --adapters`, `make-router-data`)",
     "cmd": "stage arguments (generate, export-mixture, train-lora, train-router, make-router-data, eval)",
     "http": "HTTP requests (OpenAI-compatible server)",
+    "size": "corpus size and categories (>= 220 cases, every category present)",
 }
 
 
@@ -49,7 +50,7 @@ def classify(case) -> tuple[str, str]:
     if m:
         return "corpus", m.group(1)
     if file == "test_bad_inputs":
-        return "corpus", "(meta)"
+        return "corpus", "size"
     if file == "test_fuzz":
         return "fuzz", re.sub(r"\[.*", "", name)
     return "faults", re.sub(r"\[.*", "", name)

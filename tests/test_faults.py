@@ -125,7 +125,7 @@ def test_router_training_killed_resumes_to_the_same_epochs(tiny_model_path, tiny
     from dlp_lora.router.train import CHECKPOINT, router_work_dir
 
     out = tmp_path / "router"
-    epochs = 40
+    epochs = 60
     args = ["train-router", "--data", tiny_run / "router_data", "--model", tiny_model_path, "--out", out,
             "--epochs", str(epochs), "--patience", str(epochs), "--checkpoint-seconds", "0", "--no-progress"]
     ckpt = router_work_dir(out) / CHECKPOINT
@@ -152,7 +152,7 @@ def test_eval_killed_leaves_no_complete_summary(tiny_model_path, tiny_run, tmp_p
     write_builtin_tasks(test_dir, n=30, seed=1, tasks=["arithmetic", "capitals", "word_sorting"])
     out = tmp_path / "TestOutputs" / "ev"
     proc = _start("eval", "--run", tiny_run, "--model", tiny_model_path, "--data-dir", test_dir,
-                  "--out", out, "--max-new-tokens", "32", "--fixed-length", "--batch-size", "1")
+                  "--out", out, "--max-new-tokens", "64", "--fixed-length", "--batch-size", "1")
     t0 = time.monotonic()
     # kill while it generates: a few seconds after start (model loaded, predictions under way)
     killed = _kill_when(proc, lambda: time.monotonic() - t0 > 8.0)

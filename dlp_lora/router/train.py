@@ -505,10 +505,47 @@ class Router:
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.float().cpu()
 
-    def probs(self, texts: str | Sequence[str], batch_size: int = 4096) -> torch.Tensor:
-        """Task probabilities ``(B, N)`` float32 on CPU; each row sums to 1."""
+    def probs(self, texts: str | Sequence[str], batch_size: int = 1024) -> torch.Tensor:
+        """Task probabilities ``(B, N)`` float32 on CPU; each row sums to 1.
+
+        The mini-MLP takes a lean path (the routing latency of every request): one tokeniser call per chunk of
+        ``batch_size`` texts (chunks keep memory flat for large batches), flat ids + offsets, and the functional
+        eval forward :meth:`MiniMLPRouter.infer` (no module dispatch, no dropout calls) under inference mode."""
+        if self.kind != "mlp":
+            with torch.inference_mode():
+                return torch.softmax(self.logits(texts, batch_size), dim=-1)
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, list):
+            texts = list(texts)
+        if not texts:
+            return torch.zeros(0, len(self.labels))
         with torch.inference_mode():
-            return torch.softmax(self.logits(texts, batch_size), dim=-1)
+            enc = self.encoder
+            if len(texts) == 1 and enc._backend is not None and not (enc.prefix or enc.suffix):
+                # batch 1 (the per-request latency path): one tokeniser call, one tensor, a cached offsets tensor
+                row = enc._backend.encode_batch_fast(texts, add_special_tokens=False)[0].ids[: enc.max_tokens]
+                ids = torch.tensor(row, dtype=torch.int64)
+                if str(self.device) != "cpu":
+                    ids = ids.to(self.device)
+                return torch.softmax(self.model.infer(ids, self._zero_offset(ids.device)).float(), dim=-1).cpu()
+            outs = []
+            for i in range(0, len(texts), batch_size):
+                ids, offsets = self.encoder.flat(texts[i: i + batch_size] if len(texts) > batch_size else texts)
+                if str(self.device) != "cpu":
+                    ids, offsets = ids.to(self.device), offsets.to(self.device)
+                outs.append(torch.softmax(self.model.infer(ids, offsets).float(), dim=-1))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            return out.cpu() if out.device.type != "cpu" else out
+
+    def _zero_offset(self, device) -> torch.Tensor:
+        """The offsets ``[0]`` of a one-text batch, made once (read-only use by the forward)."""
+        off = self.__dict__.get("_off0")
+        if off is None or off.device != device:
+            with torch.inference_mode(False):
+                off = torch.zeros(1, dtype=torch.int64, device=device)
+            self._off0 = off
+        return off
 
     def predict(self, texts: str | Sequence[str]) -> list[str]:
         """The most probable task name per text."""
