@@ -7,7 +7,7 @@
 Runs pytest once on tests/test_bad_inputs.py, tests/test_fuzz.py and tests/test_faults.py with a JUnit XML
 summary, counts cases tried/passed per category (the corpus category is the case folder's prefix, e.g.
 ``adapter__gen_bin_only`` -> ``adapter``), prints a Markdown table and replaces the generated block of
-docs/readme/reliability.md (between the ``reliability-report`` markers). Exit code: pytest's.
+docs/reliability.md (between the ``reliability-report`` markers). Exit code: pytest's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_bad_inputs.py", "tests/test_fuzz.py", "tests/test_faults.py"]
-DOC = ROOT / "docs" / "readme" / "reliability.md"
+DOC = ROOT / "docs" / "reliability.md"
 START, END = "<!-- reliability-report:start -->", "<!-- reliability-report:end -->"
 CATEGORY_NAMES = {
     "data": "task data files (`data check`)",

@@ -4,7 +4,7 @@ Converts the raw files (GSM8K, StrategyQA, 17 BIG-Bench-Hard tasks, 2 BIG-bench 
 ``dlp_lora.tasks.convert_shared_suite``, builds balanced prompt-level router data (same number of distinct
 questions per task, split by question, no leakage), trains the mini-MLP on the default model's tokenizer
 (SmolLM2-135M-Instruct, 49,152 tokens), and writes a Markdown table of per-task and average held-out test
-accuracy plus training time to ``docs/readme/router_results.md`` (and the confusion matrix PNG beside it).
+accuracy plus training time to ``docs/router_results.md`` (and the confusion matrix PNG beside it).
 
     nice .venv/bin/python scripts/router_real_data.py            # about a minute on 2 CPU cores
     nice .venv/bin/python scripts/router_real_data.py --granularity sentence --out-md /tmp/sent.md
@@ -31,7 +31,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"), help="the shared raw data folder")
     ap.add_argument("--work", default="/tmp/dlp_router_real", help="scratch folder for tasks, data and router")
-    ap.add_argument("--out-md", default=str(ROOT / "docs" / "readme" / "router_results.md"), help="results table")
+    ap.add_argument("--out-md", default=str(ROOT / "docs" / "router_results.md"), help="results table")
     ap.add_argument("--per-task", type=int, default=0, help="questions per task (0: smallest task's size)")
     ap.add_argument("--granularity", default="prompt", choices=("prompt", "sentence"))
     ap.add_argument("--seed", type=int, default=0, help="router data seed (sampling and split)")
