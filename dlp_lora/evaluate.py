@@ -367,6 +367,7 @@ def parse_metric_overrides(items: Iterable[str] | dict | None) -> dict[str, str]
         task, metric = task.strip(), metric.strip()
         check(bool(sep and task and metric), f"--metric {it}: expected TASK=METRIC")
         check(metric in SCORE_METRICS, f"--metric {it}: unknown metric {metric!r} (choose {', '.join(SCORE_METRICS)})")
+        check(task not in out, f"--metric {it}: task {task!r} given twice")
         out[task] = metric
     return out
 
@@ -538,6 +539,10 @@ def evaluate(run_dir=None, data=None, data_dir=None, out_dir=None, systems: Sequ
     check(run_dir is not None or pipeline is not None, "eval: --run is required")
     if results_commands is not None:
         check(Path(results_commands).is_file(), f"{results_commands}: --results-commands file not found")
+    if results_md is not None:  # check before the expensive work, not after it
+        parent = Path(results_md).resolve().parent
+        check(parent.is_dir(), f"{results_md}: --results-md folder {parent} not found (or not a folder)")
+        check(not Path(results_md).is_dir(), f"{results_md}: --results-md is a folder, expected a Markdown file")
 
     # ---- test data --------------------------------------------------------------------------------------------
     files = _resolve_tests(data, data_dir)
