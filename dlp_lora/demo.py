@@ -54,8 +54,8 @@ QUICK = dict(model="tiny", n_train=48, n_test=4, max_steps=4, batch_size=4, rout
 
 DEMO_PROMPTS = [
     "Tom has 12 apples and buys 7 more. How many apples does he have now?",
-    "Sort these words alphabetically: pear apple mango.",
-    "Convert 3 kilometers to meters. Then tell me: is True and not False true?",
+    "Reverse the order of these words: quiet green tall",
+    "Which day of the week comes 10 days after Monday? Evaluate the boolean expression: True and not False",
 ]
 
 

@@ -171,6 +171,69 @@ def test_kv_cache_decode_with_per_row_and_per_token_weights(fresh, tiny_model_pa
     assert torch.allclose(step, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("w_step, per_row", [
+    # 3 rows x 2 adapters = 6 columns-per-rank > 4 adapters used in the batch -> shared union path
+    ([[0.0, 0.5, 0.0, 0.7], [1.0, 0.0, 0.0, 1.0], [0.0, 0.4, 0.3, 0.0]], False),
+    # 2 rows x 2 adapters = 4 <= 4 used -> per-row path
+    ([[0.6, 0.5, 0.0, 0.0], [0.0, 0.0, 0.3, 0.9], [0.6, 0.5, 0.0, 0.0]][:2], True),
+])
+def test_decode_path_choice_and_both_paths_agree(fresh, tiny_model_path, adapters, w_step, per_row):
+    """set_weights picks the union decode path when batch*k_row > n_union, else the per-row one; a cached decode
+    step gives the same logits (1e-5) on both paths, and equals the naive reference."""
+    model, tok = fresh
+    ref_model, _ = load_model(tiny_model_path, device="cpu", dtype="fp32")
+    w_step = torch.tensor(w_step)
+    bsz = w_step.shape[0]
+    batch = _batch(tok, PROMPTS[:bsz])
+    fused = fuse_adapters(model, adapters)
+    nxt = torch.tensor([[42], [7], [1000]])[:bsz]
+    mask = torch.cat([batch["attention_mask"], torch.ones(bsz, 1, dtype=torch.long)], 1)
+    steps = {}
+    with torch.no_grad():
+        for rows_decode in (True, False):
+            fused.set_weights(w_step)
+            assert fused.state.rows_decode is per_row          # the heuristic's choice
+            assert fused.state.row_idx is not None             # rows differ: prefill takes the per-row path
+            fused.state.rows_decode = rows_decode              # force each decode path in turn
+            out = model(**batch, use_cache=True)
+            steps[rows_decode] = model(input_ids=nxt, attention_mask=mask,
+                                       position_ids=batch["position_ids"][:, -1:] + 1,
+                                       past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        fused.clear_weights()
+    assert torch.allclose(steps[True], steps[False], atol=1e-5, rtol=0)
+    full = {"input_ids": torch.cat([batch["input_ids"], nxt], 1), "attention_mask": mask,
+            "position_ids": torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1], 1)}
+    want = _naive_logits(ref_model, adapters, w_step, full)[:, -1]
+    assert torch.allclose(steps[per_row], want, atol=1e-5, rtol=0)
+
+
+def test_decode_paths_agree_on_one_layer_with_many_adapters():
+    """A 16-row batch of different <=3-adapter mixtures out of 26 (the benchmark's P2 shape, small dims): the
+    heuristic picks the union path for decode; per-row and union decode outputs agree within 1e-5."""
+    from dlp_lora.fusion import MixtureState
+
+    gen = torch.Generator().manual_seed(0)
+    n, r, d_in, d_out, bsz = 26, 4, 32, 24, 16
+    state = MixtureState(n, torch.device("cpu"))
+    base = torch.nn.Linear(d_in, d_out)
+    layer = FusedLoRALinear(base, torch.randn(n, r, d_in, generator=gen), torch.randn(n, r, d_out, generator=gen),
+                            [r] * n, state)
+    w = torch.zeros(bsz, n)
+    for b in range(bsz):
+        idx = torch.randperm(21, generator=gen)[: 1 + b % 3]
+        w[b, idx] = torch.rand(len(idx), generator=gen) + 0.1
+    state.set(w)
+    assert state.k_row == 3 and not state.rows_decode            # 16*3 > n_union (<= 21) -> union
+    x = torch.randn(bsz, 1, d_in, generator=gen)
+    want = base(x) + torch.einsum("bn,nrd,nre,bse->bsd", w, layer.Bt, layer.A, x)
+    with torch.no_grad():
+        union = layer(x)
+        state.rows_decode = True
+        rows = layer(x)
+    assert torch.allclose(union, rows, atol=1e-5, rtol=0)
+    assert torch.allclose(union, want, atol=1e-4, rtol=0)
+
+
 def test_merge_equals_unmerged_and_unmerge_restores_exactly(fresh, adapters):
     model, tok = fresh
     batch = _batch(tok, PROMPTS[:1])

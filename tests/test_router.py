@@ -273,6 +273,42 @@ def test_save_load_identical_probs(trained, tiny):
     assert r1.probs([]).shape == (0, 4)
 
 
+def test_lean_probs_equal_the_module_forward(trained, tmp_path, tiny_model_path, toy):
+    """Router.probs' lean path (one tokeniser call, functional eval forward, chunked batches) gives the same
+    probabilities (1e-6) as the module's standard forward in eval mode, for batch 1, a batch, chunked batches,
+    an empty text, and a mean+max router; the module forward itself is unchanged."""
+    data, out = trained
+    r = Router.load(out)
+    texts = [x["text"] for x in read_split(data, "test")] + ["", "x " * 400]
+
+    def reference(router, texts):
+        router.model.eval()
+        rows = router.tokenizer(texts, add_special_tokens=False, truncation=True,
+                                max_length=router.config.max_tokens)["input_ids"]
+        lens = torch.tensor([len(x) for x in rows])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)[:-1]])
+        ids = torch.tensor([t for x in rows for t in x], dtype=torch.long)
+        with torch.no_grad():
+            return torch.softmax(router.model(ids, offsets), -1)
+
+    want = reference(r, texts)
+    assert torch.allclose(r.probs(texts), want, atol=1e-6, rtol=0)
+    assert torch.allclose(r.probs(texts, batch_size=5), want, atol=1e-6, rtol=0)   # chunked
+    for i in (0, 3, len(texts) - 2, len(texts) - 1):                               # batch 1 (incl. empty, long)
+        got = r.probs(texts[i])
+        assert got.shape == (1, 4) and torch.allclose(got[0], want[i], atol=1e-6, rtol=0)
+    assert torch.allclose(r.probs(tuple(texts[:3])), want[:3], atol=1e-6, rtol=0)
+    assert not r.model.training
+    # mean+max pooling takes the same functional path
+    data2 = make_router_data(tmp_path / "rd", data_dir=toy, progress=False)
+    out2 = train_router(data2, tiny_model_path, tmp_path / "mm",
+                        RouterConfig(epochs=1, patience=1, pooling="mean+max"), progress=False)
+    r2 = Router.load(out2)
+    want2 = reference(r2, texts)
+    assert torch.allclose(r2.probs(texts), want2, atol=1e-6, rtol=0)
+    assert torch.allclose(r2.probs([texts[0]])[0], want2[0], atol=1e-6, rtol=0)
+
+
 def test_router_from_another_tokenizer_is_refused(trained):
     _, out = trained
     with pytest.raises(DLPError, match="another tokenizer"):

@@ -10,9 +10,11 @@ about 4.9M parameters, matching the paper's "about 5M".
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -45,19 +47,43 @@ class MiniMLPRouter(nn.Module):
             nn.Linear(hidden_dim, self.num_labels),
         )
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        mean = self.embed(ids, offsets)
+    def _pooled(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        mean = F.embedding_bag(ids, self.embed.weight, offsets, mode="mean", sparse=self.embed.sparse)
         if self.pooling == "mean":
-            return self.mlp(mean)
+            return mean
         # max over each text's tokens (sparse-gradient friendly: embedding + segment max); empty text -> 0
-        tok = nn.functional.embedding(ids, self.embed.weight, sparse=self.embed.sparse)
+        tok = F.embedding(ids, self.embed.weight, sparse=self.embed.sparse)
         lens = torch.diff(offsets, append=torch.tensor([ids.numel()], device=offsets.device))
         if ids.numel():
             mx = torch.segment_reduce(tok, "max", lengths=lens, unsafe=True)
             mx = torch.where((lens > 0).unsqueeze(-1), mx, torch.zeros_like(mx))
         else:
             mx = torch.zeros_like(mean)
-        return self.mlp(torch.cat([mean, mx], -1))
+        return torch.cat([mean, mx], -1)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self._pooled(ids, offsets))
+
+    def infer(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits, the same numbers as ``forward`` in eval mode, computed functionally from the
+        parameters: no module dispatch and no (identity) dropout calls, which dominate a batch-1 call
+        (Router.probs' latency path). Not for training (dropout is skipped)."""
+        # the parameter tensors themselves (no copies), looked up once: Module.__getattr__ costs per access
+        lean = self.__dict__.get("_lean")
+        if lean is None or lean[0] is not self.embed.weight:
+            lins = [m for m in self.mlp if isinstance(m, nn.Linear)]
+            act = F.gelu if isinstance(self.mlp[1], nn.GELU) else F.relu
+            lean = (self.embed.weight, [(m.weight, m.bias) for m in lins], act)
+            self.__dict__["_lean"] = lean
+        emb, layers, act = lean
+        if self.pooling == "mean" and ids.dim() == 1:
+            # what F.embedding_bag(mode="mean") ends in, minus its Python argument checks (mode 1 = mean)
+            x = torch.embedding_bag(emb, ids, offsets, False, 1, False, None, False, None)[0]
+        else:
+            x = self._pooled(ids, offsets)
+        for w, b in layers[:-1]:
+            x = act(F.linear(x, w, b))
+        return F.linear(x, *layers[-1])
 
 
 def drop_tokens(ids: torch.Tensor, offsets: torch.Tensor, p: float, generator: torch.Generator | None = None
@@ -202,8 +228,8 @@ class TokenEncoder:
         rows = self.ids(texts)
         if len(rows) == 1:
             return torch.tensor(rows[0], dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-        lens = [len(r) for r in rows]
+        lens = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         offsets = np.zeros(len(rows), dtype=np.int64)
         np.cumsum(lens[:-1], out=offsets[1:])
-        ids = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=sum(lens))
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
         return torch.from_numpy(ids), torch.from_numpy(offsets)
