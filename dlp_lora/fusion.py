@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DLPError, atomic_dir, atomic_write_json
+from .lora import check_adapter_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -92,28 +93,12 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
     scale)}}`` with ``A (r, d_in)``, ``B (d_out, r)`` as fp32 CPU tensors. Raises :class:`DLPError` if it is not
     a LoRA folder the engine can fuse."""
     path = Path(adapter_dir)
-    if not path.is_dir():
-        raise DLPError(f"{path}: adapter folder not found")
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise DLPError(f"{path}: not a PEFT LoRA folder (no {CONFIG_FILE})")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLPError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise DLPError(f"{cfg_path}: expected a JSON object")
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise DLPError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} is not a LoRA adapter")
+    cfg = check_adapter_dir(path)  # folder, config, LoRA type, safetensors weights (never a pickled .bin)
+    cfg_path, wpath = path / CONFIG_FILE, path / WEIGHTS_FILE
     if cfg.get("use_dora"):
         raise DLPError(f"{cfg_path}: field 'use_dora': DoRA adapters cannot be fused (plain LoRA only)")
     if cfg.get("modules_to_save"):
         raise DLPError(f"{cfg_path}: field 'modules_to_save': adapters with fully trained modules cannot be fused")
-    wpath = path / WEIGHTS_FILE
-    if not wpath.is_file():
-        if any(path.glob("adapter_model*.bin")):
-            raise DLPError(f"{path}: only pickled adapter_model.bin found (never loaded; save with safetensors)")
-        raise DLPError(f"{path}: not a PEFT LoRA folder (no {WEIGHTS_FILE})")
     from safetensors.torch import load_file
 
     try:

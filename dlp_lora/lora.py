@@ -488,13 +488,14 @@ def read_adapter_list(path_or_list: str | os.PathLike | Sequence[str | os.PathLi
 
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> dict:
-    """Parsed ``adapter_config.json`` of a PEFT LoRA folder; a one-line DLPError for anything else."""
+    """Parsed ``adapter_config.json`` of a PEFT LoRA folder with safetensors weights; a one-line DLPError for
+    anything else (the fused engine reads adapters through this check too)."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise DLPError(f"{d}: adapter folder not found")
     cfg_path = d / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        raise DLPError(f"{d}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+        raise DLPError(f"{d}: not a PEFT LoRA folder (no {ADAPTER_CONFIG})")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
