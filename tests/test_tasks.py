@@ -260,7 +260,7 @@ def test_convert_strategyqa(tmp_path):
 
 
 def test_convert_bbh_mcq_and_free(tmp_path, caplog):
-    t = convert("bbh", RAW / "bbh" / "date_understanding.json", tmp_path)    # a folder: <task>.json
+    t = convert("bbh", RAW / "bbh_tasks" / "date_understanding.json", tmp_path)    # a folder: <task>.json
     assert re.search(r"examples\[2\]: field 'target': 'Monsters, Inc'.*skipped", caplog.text)
     assert (t.name, t.metric, t.path) == ("date_understanding", "accuracy", str(tmp_path / "date_understanding.json"))
     assert [r.answer for r in t.records] == ["(A)", "(B)", "(B)"]       # last: target given as option text
@@ -268,7 +268,7 @@ def test_convert_bbh_mcq_and_free(tmp_path, caplog):
     assert t.records[0].question.endswith("(C) 03/01/2021")
     back = read_task(tmp_path / "date_understanding.json")
     assert back.metric == "accuracy" and back.records[1].choices == t.records[1].choices
-    w = convert("bbh", RAW / "bbh" / "web_of_lies.json", tmp_path / "wol.json")
+    w = convert("bbh", RAW / "bbh_tasks" / "web_of_lies.json", tmp_path / "wol.json")
     assert (w.name, w.metric, [r.answer for r in w.records]) == ("web_of_lies", "exact", ["No", "Yes", "Yes"])
     assert all(r.choices is None for r in w.records)
 
@@ -292,7 +292,7 @@ def test_convert_bigbench(tmp_path, caplog):
 
 def test_cli_convert(cli, tmp_path):
     out = tmp_path / "wol.json"
-    res = cli("data", "convert", "--format", "bbh", "--limit", "2", RAW / "bbh" / "web_of_lies.json", out)
+    res = cli("data", "convert", "--format", "bbh", "--limit", "2", RAW / "bbh_tasks" / "web_of_lies.json", out)
     assert res.code == 0, res
     assert "task=web_of_lies records=2 metric=exact" in res.out
     assert read_task(out).metric == "exact"
@@ -360,7 +360,7 @@ def _fake_shared(root):
         (root / sub).mkdir(parents=True)
         for n in names:
             shutil.copy(RAW / ("gsm8k.jsonl" if sub == "gsm8k" else "strategyqa.json"), root / sub / n)
-    shutil.copytree(RAW / "bbh", root / "bbh")
+    shutil.copytree(RAW / "bbh_tasks", root / "bbh")
     shutil.copytree(RAW / "bigbench", root / "bigbench")
     (root / "bbh" / "LICENSE").write_text("not a task")
     return root
