@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .config import DLPError
+from .config import DLPError, read_text_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -537,12 +537,7 @@ def _read_prompts(path: str) -> list[str]:
     from .config import DLPError
 
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DLPError(f"{p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DLPError(f"{p}: cannot read ({e.__class__.__name__})") from None
+    lines = read_text_file(p).splitlines()
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -107,6 +107,25 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+def read_text_file(path: str | os.PathLike) -> str:
+    """UTF-8 text of a user file; a missing or unreadable file is a one-line :class:`DLPError` naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DLPError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """Parsed JSON of a user file, with :func:`read_text_file`'s one-line errors (bad JSON included)."""
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as e:
+        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config helpers
 # ----------------------------------------------------------------------------------------------------------------

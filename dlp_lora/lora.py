@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import (DLPError, LoRATrainConfig, atomic_dir, check_output_path, atomic_write_json, atomic_write_text, config_to_dict,
+from .config import (DLPError, LoRATrainConfig, read_text_file, atomic_dir, check_output_path, atomic_write_json, atomic_write_text, config_to_dict,
                      save_config)
 from .data import TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
 
@@ -460,12 +460,7 @@ def read_adapter_list(path_or_list: str | os.PathLike | Sequence[str | os.PathLi
         if not (path / ADAPTER_LIST).is_file():
             raise DLPError(f"{path}: no {ADAPTER_LIST} (expected a run folder or an {ADAPTER_LIST} file)")
         path = path / ADAPTER_LIST
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DLPError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    text = read_text_file(path)
     base = path.absolute().parent
     dirs: list[Path] = []
     for n, raw in enumerate(text.splitlines(), 1):

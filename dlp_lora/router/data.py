@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..config import DLPError, RouterDataConfig, atomic_dir, atomic_write_json, atomic_write_text, save_config
+from ..config import DLPError, RouterDataConfig, read_json_file, read_text_file, atomic_dir, atomic_write_json, atomic_write_text, save_config
 from ..data import TaskData, read_task, read_task_dir, split_sentences
 
 SPLITS = ("train", "val", "test")
@@ -232,12 +232,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_labels(path: str | os.PathLike) -> list[str]:
     """``labels.json``: a non-empty list of distinct task names."""
     path = Path(path)
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DLPError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    labels = read_json_file(path)
     if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
         raise DLPError(f"{path}: expected a non-empty JSON list of task names")
     if len(set(labels)) != len(labels):
@@ -250,12 +245,7 @@ def read_router_file(path: str | os.PathLike, labels: Sequence[str] | None = Non
                      allow_empty: bool = False) -> list[dict]:
     """Records of one labelled router file; checks text/label/task (and label == index of task in ``labels``)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DLPError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    text = read_text_file(path)
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
