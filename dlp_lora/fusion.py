@@ -19,17 +19,19 @@ Speed by design: ``set_weights`` computes, with a single host sync, which adapte
 (the "active set") and the largest number of adapters a single row uses. The forward pass then needs no sync,
 no Python loop over adapters or rows, and two matmuls per module whatever N is:
 
-* union path (every row using the same adapters, or decode steps where ``batch * k_row > n_union``):
-  ``h = x @ A_sel.T`` over the active set, columns scaled by each row's weights (zero for an adapter a row does
-  not use), ``y = base(x) + h @ B_sel`` (``addmm``). ``A_sel/B_sel`` are gathered once per active set and cached
-  per layer;
-* per-row path (prefill with rows using *different* adapters, and decode steps where ``batch * k_row <=
-  n_union``): each row gathers only its own ≤K adapters (``bmm`` + ``baddbmm``), so a 16-row prefill of 16
-  different 3-adapter mixtures costs 3 adapters per token, not the union of 26.
+* union path (a row uses every active adapter - e.g. all rows share one mixture): ``h = x @ A_sel.T`` over the
+  active set, columns scaled by each row's weights, ``y = base(x) + h @ B_sel`` (``addmm``). ``A_sel/B_sel``
+  are gathered once per active set and cached per layer;
+* per-row path (rows using *different* adapters): each row gathers only its own <= k_row adapters once per
+  routing decision (``A`` and the weight-scaled ``B``), then ``bmm`` + ``baddbmm``, so a 16-row batch of 16
+  different 3-adapter mixtures costs 3 adapters per token, not the union of 26 (the same idea as Punica's
+  per-row gathered BGMV kernel for multi-LoRA decoding).
 
-The decode choice is made in ``set_weights`` (the one host sync): a decode step is bound by reading adapter
-weights, and the per-row path reads ``batch * k_row * r`` columns where the union reads ``n_union * r`` shared
-by all rows (16 rows x 3 of 26 adapters: 384 vs ~168 columns -> union).
+Departure from DESIGN §4, measured: DESIGN's forward is the union path for every batch. With rows that differ,
+the union multiplies every row by every active adapter (FLOPs ~ batch * n_union); the per-row path does batch *
+k_row. On the 2-core CPU, SmolLM2-135M, 26 adapters, <= 3 per row, decode ours/PEFT-single was 1.015 (union)
+vs 0.999 (per-row) at batch 8, 0.998 vs 0.973 at 16, 1.042 vs 0.963 at 32 and 1.033 vs 1.013 at 64, even
+though the per-row path reads batch*k_row adapter copies instead of n_union.
 
 Adapter scales are folded into ``B`` at fuse time. Merge mode (batch 1) folds the mixture into ``W`` once per
 routing decision (an exact copy of ``W`` is kept and restored, never subtracted). ``export_mixture`` writes a
@@ -179,7 +181,10 @@ class MixtureState:
         self.row_idx: torch.Tensor | None = None      # (B, k_row) adapter index per row (padding has weight 0)
         self.version = 0
         self._cols: dict[Any, torch.Tensor] = {}
-        self.rows_decode = True                       # decode steps use the per-row path (else the union); set()
+        # A preference, kept across set(): decode steps (one new token) of rows on different adapters use the
+        # shared union path instead of per-row copies (fewer weight reads, batch x more FLOPs; slower on the CPU
+        # here at batch 8-64, see the module doc - worth measuring on a GPU).
+        self.union_decode = False
 
     def check(self, weights: Any, what: str = "mixture weights") -> torch.Tensor:
         """Validated float32 copy on the device (shape only; values are checked in ``set``)."""
@@ -213,18 +218,11 @@ class MixtureState:
             self.row_idx = torch.topk(row_any.to(torch.float32), self.k_row, dim=1).indices
         else:
             self.row_idx = None
-        # Decode steps (one new token per row) are bound by reading the adapter weights: the per-row path reads
-        # batch*k_row*r columns of A and B (every row its own copies), the union path n_union*r columns shared by
-        # all rows (one addmm). Take the one that reads fewer (16 rows x 3 of 26 adapters, ~21 used: 48 > 21 ->
-        # union). Prefill (seq > 1) is bound by FLOPs, which the per-row path always keeps lower (k_row < n_union
-        # per token), so it stays per-row whenever rows differ.
-        self.rows_decode = self.row_idx is not None and w.shape[0] * self.k_row <= len(self.active)
         self.version += 1
         self._cols = {}
 
     def clear(self) -> None:
         self.weights, self.active, self.active_t, self.row_idx, self.k_row = None, (), None, None, 0
-        self.rows_decode = True
         self.version += 1
         self._cols = {}
 
@@ -312,7 +310,7 @@ class FusedLoRALinear(nn.Module):
             raise DLPError(f"mixture weights: {w.shape[1]} per-token weights but the input has {seq} new tokens "
                            "(with a KV cache pass weights for the new tokens only)")
         inplace = not torch.is_grad_enabled()
-        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or st.rows_decode):
+        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or not st.union_decode):
             # per-row path: every row uses only its own <= k_row adapters
             k = st.k_row
             if w.dim() == 2:

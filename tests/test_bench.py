@@ -56,12 +56,20 @@ def test_interleave_runs_warmup_then_a_b_a_b():
     progress = []
     raw = bench.interleave({"a": sys_a, "b": sys_b, "c": sys_c}, reps=5, warmup=2, clock=clock,
                            on_call=lambda name, rep: progress.append((name, rep)))
-    assert calls == ["A", "B", "C"] * 7
+    # warm-up in order, then rounds rotated so no system always runs first: ABC BCA CAB ABC BCA
+    assert "".join(calls) == "ABC" * 2 + "ABC" + "BCA" + "CAB" + "ABC" + "BCA"
     assert progress[:6] == [("a", -1), ("b", -1), ("c", -1)] * 2     # warm-up is reported but not recorded
-    assert progress[6:9] == [("a", 0), ("b", 0), ("c", 0)]
+    assert progress[6:12] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
     assert raw["a"] == {"total": [1.0] * 5}
     assert raw["b"]["prefill"] == [0.25] * 5 and raw["b"]["decode"] == [0.5] * 5 and raw["b"]["total"] == [0.0] * 5
     assert raw["c"] == {"total": [7.0] * 5}
+
+
+def test_interleave_without_rotation_keeps_a_fixed_order():
+    calls = []
+    bench.interleave({"a": lambda: calls.append("A") or 1.0, "b": lambda: calls.append("B") or 1.0}, reps=5,
+                     warmup=0, rotate=False)
+    assert "".join(calls) == "AB" * 5
 
 
 def test_interleave_rejects_bad_arguments():
@@ -184,6 +192,36 @@ def test_peft_baselines_agree_with_the_loop_on_one_hot_weights(own_tiny, two_ada
     torch.testing.assert_close(mixed, loop, atol=1e-5, rtol=1e-5)
 
 
+def test_original_baseline_runs_each_row_alone_with_its_own_loras(own_tiny, two_adapters):
+    """The original code's method: batch 1 per row, each row with only its selected LoRAs and weights."""
+
+    class Ctx:
+        device = "cpu"
+
+        def get(self, key):
+            assert key == "loop"
+            return lm, state
+
+    lm, state = bench.loop_model(own_tiny, two_adapters)
+    seen = []
+
+    def spy(mod, args, kwargs, out):
+        seen.append((kwargs["input_ids"].shape[0], tuple(state["selected"]),
+                     state["weights"].tolist() if state["weights"] is not None else None))
+    h = lm.register_forward_hook(spy, with_kwargs=True)
+    try:
+        ids = bench.random_prompts(own_tiny, 2, 5, seed=3, device="cpu")
+        w = torch.tensor([[0.0, 1.0], [0.5, 0.25]])
+        parts = bench.sys_original(Ctx(), ids, 4, w)()
+    finally:
+        h.remove()
+    assert len(seen) == 2 * 4                                    # 2 rows x (prefill + 3 steps)
+    assert all(b == 1 for b, _, _ in seen)                       # batch size 1
+    assert seen[0][1:] == ((1,), [[0.0, 1.0]]) and seen[4][1:] == ((0, 1), [[0.5, 0.25]])
+    assert state["weights"] is None and set(parts) == {"setup", "prefill", "decode", "total"}
+    assert parts["total"] >= parts["decode"] > 0
+
+
 def test_random_mixtures_respect_top_p_cap():
     w = bench.random_mixtures(16, 26, 0.8, 3, seed=0)
     k = (w != 0).sum(-1)
@@ -221,7 +259,7 @@ def test_bench_command_quick_writes_results(cli, tiny_model_path, tmp_path):
     p2 = data["rows"]["P2"]["cases"][0]
     assert p2["shapes"]["batch"] == 16 and p2["shapes"]["distinct_mixtures"] == 16
     assert p2["shapes"]["adapters_loaded"] == 26 and p2["shapes"]["selected_per_row_max"] <= 3
-    assert set(p2["systems"]) == {"ours", "peft_single", "peft_mixed", "peft_cat", "base", "loop"}
+    assert set(p2["systems"]) == {"ours", "peft_single", "peft_mixed", "peft_cat", "base", "loop", "original"}
     for parts in p2["systems"].values():
         assert {"prefill", "decode", "total"} <= set(parts)
         for s in parts.values():
