@@ -1,9 +1,9 @@
 """The benchmark protocol of DESIGN §7: the paper's efficiency figures, measured side by side against PEFT.
 
 Every figure is a *ratio* measured in one process on the same model and inputs: the systems of a row run
-interleaved (A B C A B C ...) after warm-up, each figure is the median of >= 5 repetitions with its min–max, and
-the thread count is fixed and printed. Ratios use the paired repetitions (rep r of A over rep r of B), so slow
-phases of a shared machine hit both sides of a ratio alike.
+interleaved (A B C, then C B A, ...) after warm-up, each figure is the median of >= 5 repetitions with its
+min–max, and the thread count is fixed and printed. Ratios use the paired repetitions (rep r of A over rep r
+of B), so slow phases of a shared machine hit both sides of a ratio alike.
 
 Systems compared (all run the *same* decode loop: one prefill forward, then a fixed number of KV-cached greedy
 argmax steps, no EOS stopping, so no system gets shorter outputs):
@@ -99,7 +99,7 @@ class BenchConfig:
     quick: bool = False                     # small shapes: finishes in < 2 min on 2 CPU cores with the tiny model
     only: str = ""                          # comma list of rows (P1..P7); "" = all
     run: str = ""                           # run folder: use its trained adapters (adapters.txt) and router/
-    reps: int = 0                           # repetitions per figure (0 = 5); the protocol needs >= 5
+    reps: int = 0                           # repetitions per figure (0 = 7 for P1-P3 of a full run, else 5); >= 5
     warmup: int = 1                         # untimed warm-up calls per system before the repetitions
     threads: int = 0                        # torch threads (0 = torch's current default); fixed and printed
     device: str = ""                        # "" = auto (cuda when available)
@@ -161,6 +161,8 @@ class BenchConfig:
         q = self.quick
         return {
             "reps": self.reps or 5,
+            # the decode rows compare systems within a few % of each other: two more pairs on a full run
+            "reps_decode": self.reps or (5 if q else 7),
             "prompt_len": self.prompt_len or (16 if q else 64),
             "new_tokens": self.new_tokens or (8 if q else 32),
             "merge_new_tokens": self.merge_new_tokens or (32 if q else 128),
@@ -193,12 +195,13 @@ def paired_ratio(num, den) -> dict:
 def interleave(systems: dict[str, Callable[[], Any]], reps: int = 5, warmup: int = 1,
                clock: Callable[[], float] = time.perf_counter,
                on_call: Callable[[str, int], None] | None = None,
-               rotate: bool = True) -> dict[str, dict[str, list[float]]]:
+               alternate: bool = True) -> dict[str, dict[str, list[float]]]:
     """Run each system ``warmup`` times (untimed), then ``reps`` rounds of A B C ... .
 
-    With ``rotate`` (the default) round ``k`` starts ``k`` places further on (A B C, B C A, C A B, ...), so no
-    system always runs first or always follows the same neighbour: on a CPU a position effect (caches, frequency,
-    allocator state left by the previous system) of a few % otherwise lands on the same side of every ratio.
+    With ``alternate`` (the default) every other round runs backwards (A B C, C B A, A B C, ...: the ABBA design),
+    so a drift of the machine during a row, or an effect of running right after a given neighbour, does not land
+    on the same side of every ratio; systems listed next to each other stay next to each other in every round,
+    so the pairs of a ratio are measured seconds apart.
 
     A system is a callable. If it returns a number, that is its time; a dict ``{part: seconds}`` gives several
     timed parts (for example prefill and decode); ``None`` means the call is timed as a whole with ``clock``.
@@ -217,8 +220,7 @@ def interleave(systems: dict[str, Callable[[], Any]], reps: int = 5, warmup: int
     out: dict[str, dict[str, list[float]]] = {name: {} for name in systems}
     order = list(systems.items())
     for rep in range(reps):
-        k = rep % len(order) if rotate else 0
-        for name, fn in order[k:] + order[:k]:
+        for name, fn in (order[::-1] if alternate and rep % 2 else order):
             t0 = clock()
             res = fn()
             wall = clock() - t0
@@ -745,10 +747,10 @@ def sys_original(ctx: _Ctx, ids, tokens, weights):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _case(ctx: _Ctx, name: str, systems: dict, shapes: dict, ratios: dict[str, tuple[str, str, str]],
-          target: tuple[str, str] | None) -> dict:
+          target: tuple[str, str] | None, reps: int | None = None) -> dict:
     """Measure ``systems`` interleaved; ``ratios``: label -> (numerator, denominator, part)."""
-    raw = systems if _is_raw(systems) else interleave(systems, reps=ctx.shapes["reps"], warmup=ctx.cfg.warmup,
-                                                       on_call=ctx.tick)
+    raw = systems if _is_raw(systems) else interleave(systems, reps=reps or ctx.shapes["reps"],
+                                                       warmup=ctx.cfg.warmup, on_call=ctx.tick)
     res = {"name": name, "shapes": shapes,
            "systems": {s: {part: summarize(v) for part, v in parts.items()} for s, parts in raw.items()},
            "ratios": {}}
@@ -787,16 +789,14 @@ def row_p1(ctx: _Ctx) -> dict:
                   "ours / peft_single, total": ("ours", "peft_single", "total"),
                   "ours / base, decode": ("ours", "base", "decode"),
                   "peft_single / base, decode": ("peft_single", "base", "decode")}
-        cases.append(_case(ctx, f"batch {b}", systems, shapes, ratios, ("ours / peft_single, decode", "<=")))
+        cases.append(_case(ctx, f"batch {b}", systems, shapes, ratios, ("ours / peft_single, decode", "<="),
+                           reps=sh["reps_decode"]))
     return {"cases": cases}
 
 
-def _mixed_batch(ctx: _Ctx, systems_wanted: tuple[str, ...]):
-    """The mixed-batch measurement shared by P2 and P7 (one interleaved run, cached on the context):
-    16 rows, 16 different mixtures. Returns ``(raw, shapes)``."""
-    cache = getattr(ctx, "_mixed", None)
-    if cache is not None and set(systems_wanted) <= set(cache[0]):
-        return cache
+def _mixed_batch(ctx: _Ctx, systems_wanted: tuple[str, ...], reps: int):
+    """One interleaved measurement of a mixed batch: 16 rows, 16 different mixtures (the same prompts and weights
+    for P2 and P7), systems run in the order given. Returns ``(raw, shapes)``."""
     cfg, sh = ctx.cfg, ctx.shapes
     dirs = ctx.dirs()
     b = sh["batch_mixed"]
@@ -807,32 +807,25 @@ def _mixed_batch(ctx: _Ctx, systems_wanted: tuple[str, ...]):
             "peft_mixed": lambda: sys_peft_mixed(ctx, ids, t, w), "peft_cat": lambda: sys_peft_cat(ctx, ids, t, w),
             "loop": lambda: sys_loop(ctx, ids, t, w), "original": lambda: sys_original(ctx, ids, t, w),
             "base": lambda: sys_base(ctx, ids, t)}
-    systems = {k: make[k]() for k in make if k in systems_wanted}
-    raw = interleave(systems, reps=sh["reps"], warmup=cfg.warmup, on_call=ctx.tick)
+    systems = {k: make[k]() for k in systems_wanted}
+    raw = interleave(systems, reps=reps, warmup=cfg.warmup, on_call=ctx.tick)
     shapes = {"batch": b, "prompt_len": sh["prompt_len"], "new_tokens": t, "adapters_loaded": len(dirs),
               "distinct_mixtures": len({tuple(r) for r in w.tolist()}), **_selected_stats(w)}
-    ctx._mixed = (raw, shapes)
-    return ctx._mixed
+    return raw, shapes
 
 
-def _mixed_wanted(ctx: _Ctx) -> tuple[str, ...]:
-    rows = ctx.cfg.rows()
-    want = ("ours", "base")
-    if "P2" in rows:
-        want += ("peft_single", "peft_mixed", "peft_cat")
-    if "P7" in rows:
-        want += ("loop", "original")
-    return want
+# The systems of P2 and P7, in run order: each target pair sits side by side (measured seconds apart).
+P2_SYSTEMS = ("peft_single", "ours", "peft_mixed", "peft_cat", "base")
+P7_SYSTEMS = ("original", "ours", "loop", "base")
 
 
 def row_p2(ctx: _Ctx) -> dict:
-    raw, shapes = _mixed_batch(ctx, _mixed_wanted(ctx))
+    raw, shapes = _mixed_batch(ctx, P2_SYSTEMS, ctx.shapes["reps_decode"])
     ratios = {"ours / homogeneous peft_single, decode": ("ours", "peft_single", "decode"),
               "ours / homogeneous peft_single, prefill": ("ours", "peft_single", "prefill"),
               "ours / homogeneous peft_single, total": ("ours", "peft_single", "total"),
               "peft_mixed / ours, decode": ("peft_mixed", "ours", "decode"),
               "peft_cat / ours, total": ("peft_cat", "ours", "total"),
-              "loop / ours, decode": ("loop", "ours", "decode"),
               "ours / base, decode": ("ours", "base", "decode")}
     name = f"batch {shapes['batch']}, {shapes['distinct_mixtures']} mixtures"
     return {"cases": [_case(ctx, name, raw, shapes, ratios, ("ours / homogeneous peft_single, decode", "<="))],
@@ -847,18 +840,19 @@ def row_p3(ctx: _Ctx) -> dict:
     ids = random_prompts(ctx.model, 1, sh["prompt_len"], cfg.seed + 300, ctx.device)
     # One adapter selected in every configuration, so only the number *loaded* changes (the paper's Table 6).
     systems = {}
-    for n in counts:
+    lo, hi = counts[0], counts[-1]
+    for n in [hi, lo] + counts[1:-1]:            # the target pair side by side (measured seconds apart)
         w = torch.zeros(1, n)
         w[0, n // 2] = 1.0
         systems[f"ours_n{n}"] = sys_ours(ctx, ids, sh["new_tokens"], w, key=f"fused_n{n}")
     systems["base"] = sys_base(ctx, ids, sh["new_tokens"])
     shapes = {"batch": 1, "prompt_len": sh["prompt_len"], "new_tokens": sh["new_tokens"],
               "adapters_loaded": counts, "selected_per_row_mean": 1, "selected_per_row_max": 1}
-    lo, hi = counts[0], counts[-1]
     ratios = {f"ours(N={n}) / ours(N={lo}), decode": (f"ours_n{n}", f"ours_n{lo}", "decode") for n in counts[1:]}
     ratios[f"ours(N={hi}) / ours(N={lo}), prefill"] = (f"ours_n{hi}", f"ours_n{lo}", "prefill")
     ratios[f"ours(N={lo}) / base, decode"] = (f"ours_n{lo}", "base", "decode")
-    return {"cases": [_case(ctx, "batch 1", systems, shapes, ratios, (f"ours(N={hi}) / ours(N={lo}), decode", "<="))]}
+    return {"cases": [_case(ctx, "batch 1", systems, shapes, ratios, (f"ours(N={hi}) / ours(N={lo}), decode", "<="),
+                            reps=sh["reps_decode"])]}
 
 
 def _router_sentences(n: int, seed: int) -> list[str]:
@@ -964,15 +958,14 @@ def row_p5(ctx: _Ctx) -> dict:
 
 
 def row_p7(ctx: _Ctx) -> dict:
-    raw, shapes = _mixed_batch(ctx, _mixed_wanted(ctx))
-    raw = {k: v for k, v in raw.items() if k in ("ours", "original", "loop", "base")}
+    raw, shapes = _mixed_batch(ctx, P7_SYSTEMS, ctx.shapes["reps"])
     ratios = {"original / ours, decode": ("original", "ours", "decode"),
               "original / ours, prefill": ("original", "ours", "prefill"),
               "original / ours, total": ("original", "ours", "total"),
               "loop / ours, decode": ("loop", "ours", "decode"),
               "ours / base, decode": ("ours", "base", "decode"),
               "loop / base, decode": ("loop", "base", "decode")}
-    notes = ["same interleaved measurement as P2 (one run, shared)"] if "P2" in ctx.cfg.rows() else []
+    notes = ["the same 16 prompts and mixtures as P2, measured in their own interleaved run"]
     notes.append("`original`: the original code's method, every row generated alone (batch 1) with a Python loop "
                  "over its selected LoRAs (KV cache kept, which the original code lacked); `loop`: the same loop "
                  "run on the whole batch at once, a stronger baseline than the original code")
@@ -1064,12 +1057,11 @@ ROW_FUNCS = {"P1": row_p1, "P2": row_p2, "P3": row_p3, "P4": row_p4, "P5": row_p
 
 
 def _planned_calls(cfg: BenchConfig) -> int:
-    per = cfg.resolved()["reps"] + cfg.warmup
-    rows = cfg.rows()
-    mixed = 2 + (3 if "P2" in rows else 0) + (2 if "P7" in rows else 0)
-    n = {"P1": 2 * 3 * per, "P2": 0, "P3": (len(cfg.scaling_list()) + 1) * per, "P4": 3 * per,
-         "P5": 2 * per, "P6": 1, "P7": 0}
-    return sum(n[r] for r in rows) + (mixed * per if ("P2" in rows or "P7" in rows) else 0)
+    sh = cfg.resolved()
+    per, per_d = sh["reps"] + cfg.warmup, sh["reps_decode"] + cfg.warmup
+    n = {"P1": 2 * 3 * per_d, "P2": len(P2_SYSTEMS) * per_d, "P3": (len(cfg.scaling_list()) + 1) * per_d,
+         "P4": 3 * per, "P5": 2 * per, "P6": 1, "P7": len(P7_SYSTEMS) * per}
+    return sum(n[r] for r in cfg.rows())
 
 
 def _judge(row: str, res: dict) -> None:
@@ -1160,7 +1152,8 @@ def render_markdown(results: dict) -> str:
     L = [f"## {results['name']}: {results['model']['spec']} on {results['device']} ({results['dtype']})", ""]
     L.append(f"Written by `{results['command']}` on {results['created']} "
              f"({results['seconds']:.0f} s). Every figure: median (min–max) of {s['reps']} interleaved repetitions "
-             f"after {s['warmup']} warm-up call(s); ratios are per-repetition pairs. Times in ms.")
+             f"({s.get('reps_decode', s['reps'])} for the decode rows P1-P3) after {s['warmup']} warm-up call(s); "
+             "ratios are per-repetition pairs. Times in ms.")
     L.append("")
     L.append(f"- machine: {m.get('cpu')} · {m.get('cpu_count')} CPUs · {m.get('memory_gib', '?')} GiB · "
              f"{m.get('gpu', 'no GPU')} · load avg at start {m.get('load_avg_1m', '?')} · {m['platform']}")
@@ -1262,8 +1255,8 @@ BENCH_HEADER = """# Benchmarks
 
 Written by `dlp-lora bench` (never by hand): each section below is replaced when its run is repeated with the
 same `--out` name. Protocol (DESIGN §7): every comparison runs in one process on the same model and inputs,
-interleaved (A B C, then B C A, …), after warm-up; figures are the median of ≥ 5 repetitions with min–max; the thread
-count is fixed and printed. Targets are from issue 7. System names: `base` plain model; `ours` fused engine
+interleaved (A B C, then C B A, …), after warm-up; figures are the median of ≥ 5 repetitions with min–max; the
+thread count is fixed and printed. Targets are from issue 7. System names: `base` plain model; `ours` fused engine
 (dense per-row mixture); `ours_merge` mixture folded into W; `peft_single` PEFT, one active adapter for the
 whole batch; `peft_mixed` PEFT `adapter_names=` mixed batch (one adapter per row); `peft_cat` PEFT
 `add_weighted_adapter(combination_type="cat")` rebuilt per mixture (rebuild and delete inside the timing);

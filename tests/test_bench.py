@@ -56,19 +56,19 @@ def test_interleave_runs_warmup_then_a_b_a_b():
     progress = []
     raw = bench.interleave({"a": sys_a, "b": sys_b, "c": sys_c}, reps=5, warmup=2, clock=clock,
                            on_call=lambda name, rep: progress.append((name, rep)))
-    # warm-up in order, then rounds rotated so no system always runs first: ABC BCA CAB ABC BCA
-    assert "".join(calls) == "ABC" * 2 + "ABC" + "BCA" + "CAB" + "ABC" + "BCA"
+    # warm-up in order, then every other round backwards (ABBA): ABC CBA ABC CBA ABC
+    assert "".join(calls) == "ABC" * 2 + "ABC" + "CBA" + "ABC" + "CBA" + "ABC"
     assert progress[:6] == [("a", -1), ("b", -1), ("c", -1)] * 2     # warm-up is reported but not recorded
-    assert progress[6:12] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
+    assert progress[6:12] == [("a", 0), ("b", 0), ("c", 0), ("c", 1), ("b", 1), ("a", 1)]
     assert raw["a"] == {"total": [1.0] * 5}
     assert raw["b"]["prefill"] == [0.25] * 5 and raw["b"]["decode"] == [0.5] * 5 and raw["b"]["total"] == [0.0] * 5
     assert raw["c"] == {"total": [7.0] * 5}
 
 
-def test_interleave_without_rotation_keeps_a_fixed_order():
+def test_interleave_without_alternation_keeps_a_fixed_order():
     calls = []
     bench.interleave({"a": lambda: calls.append("A") or 1.0, "b": lambda: calls.append("B") or 1.0}, reps=5,
-                     warmup=0, rotate=False)
+                     warmup=0, alternate=False)
     assert "".join(calls) == "AB" * 5
 
 
@@ -259,7 +259,10 @@ def test_bench_command_quick_writes_results(cli, tiny_model_path, tmp_path):
     p2 = data["rows"]["P2"]["cases"][0]
     assert p2["shapes"]["batch"] == 16 and p2["shapes"]["distinct_mixtures"] == 16
     assert p2["shapes"]["adapters_loaded"] == 26 and p2["shapes"]["selected_per_row_max"] <= 3
-    assert set(p2["systems"]) == {"ours", "peft_single", "peft_mixed", "peft_cat", "base", "loop", "original"}
+    assert set(p2["systems"]) == {"ours", "peft_single", "peft_mixed", "peft_cat", "base"}
+    p7 = data["rows"]["P7"]["cases"][0]
+    assert set(p7["systems"]) == {"ours", "original", "loop", "base"}
+    assert p7["target_ratio"] == "original / ours, decode" and p7["shapes"]["distinct_mixtures"] == 16
     for parts in p2["systems"].values():
         assert {"prefill", "decode", "total"} <= set(parts)
         for s in parts.values():
