@@ -99,7 +99,7 @@ class BenchConfig:
     quick: bool = False                     # small shapes: finishes in < 2 min on 2 CPU cores with the tiny model
     only: str = ""                          # comma list of rows (P1..P7); "" = all
     run: str = ""                           # run folder: use its trained adapters (adapters.txt) and router/
-    reps: int = 0                           # repetitions per figure (0 = 7 for P1-P3 of a full run, else 5); >= 5
+    reps: int = 0                           # repetitions per figure (0 = 7 for P1-P3, P5 of a full run, else 5)
     warmup: int = 1                         # untimed warm-up calls per system before the repetitions
     threads: int = 0                        # torch threads (0 = torch's current default); fixed and printed
     device: str = ""                        # "" = auto (cuda when available)
@@ -954,7 +954,8 @@ def row_p5(ctx: _Ctx) -> dict:
     ratios = {"ours_merge / base, total": ("ours_merge", "base", "total"),
               "ours_merge / base, decode": ("ours_merge", "base", "decode"),
               "ours_merge / base, prefill": ("ours_merge", "base", "prefill")}
-    return {"cases": [_case(ctx, "batch 1", systems, shapes, ratios, ("ours_merge / base, total", "<="))]}
+    return {"cases": [_case(ctx, "batch 1", systems, shapes, ratios, ("ours_merge / base, total", "<="),
+                            reps=sh["reps_decode"])]}
 
 
 def row_p7(ctx: _Ctx) -> dict:
@@ -1060,7 +1061,7 @@ def _planned_calls(cfg: BenchConfig) -> int:
     sh = cfg.resolved()
     per, per_d = sh["reps"] + cfg.warmup, sh["reps_decode"] + cfg.warmup
     n = {"P1": 2 * 3 * per_d, "P2": len(P2_SYSTEMS) * per_d, "P3": (len(cfg.scaling_list()) + 1) * per_d,
-         "P4": 3 * per, "P5": 2 * per, "P6": 1, "P7": len(P7_SYSTEMS) * per}
+         "P4": 3 * per, "P5": 2 * per_d, "P6": 1, "P7": len(P7_SYSTEMS) * per}
     return sum(n[r] for r in cfg.rows())
 
 
@@ -1152,7 +1153,7 @@ def render_markdown(results: dict) -> str:
     L = [f"## {results['name']}: {results['model']['spec']} on {results['device']} ({results['dtype']})", ""]
     L.append(f"Written by `{results['command']}` on {results['created']} "
              f"({results['seconds']:.0f} s). Every figure: median (min–max) of {s['reps']} interleaved repetitions "
-             f"({s.get('reps_decode', s['reps'])} for the decode rows P1-P3) after {s['warmup']} warm-up call(s); "
+             f"({s.get('reps_decode', s['reps'])} for the decode rows P1-P3, P5) after {s['warmup']} warm-up call(s); "
              "ratios are per-repetition pairs. Times in ms.")
     L.append("")
     L.append(f"- machine: {m.get('cpu')} · {m.get('cpu_count')} CPUs · {m.get('memory_gib', '?')} GiB · "
