@@ -114,7 +114,7 @@ class BenchConfig:
     top_p: float = 0.8                      # router top-p used to build the mixtures
     prompt_len: int = 0                     # prompt tokens per row (0 = 16 quick / 64 full)
     new_tokens: int = 0                     # generated tokens per row (0 = 8 quick / 32 full)
-    merge_new_tokens: int = 0               # P5 generated tokens (0 = 32 quick / 128 full, the 128)
+    merge_new_tokens: int = 0               # P5 generated tokens (0 = the 128, quick or not)
     router_sentences: int = 0               # P4 throughput batch (0 = 1024 quick / 8192 full)
     seed: int = 0                           # seed for adapters, prompts and mixtures
     profile: bool = True                    # torch.profiler summary for missed decode targets (full runs)
@@ -165,7 +165,7 @@ class BenchConfig:
             "reps_decode": self.reps or (5 if q else 7),
             "prompt_len": self.prompt_len or (16 if q else 64),
             "new_tokens": self.new_tokens or (8 if q else 32),
-            "merge_new_tokens": self.merge_new_tokens or (32 if q else 128),
+            "merge_new_tokens": self.merge_new_tokens or 128,
             "router_sentences": self.router_sentences or (1024 if q else 8192),
             "batches_p1": [1, 8],
             "batch_mixed": 16,

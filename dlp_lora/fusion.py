@@ -343,12 +343,14 @@ class FusedLoRALinear(nn.Module):
         return y + h @ self._Bt_sel
 
     # merge mode -------------------------------------------------------------------------------------------------
-    def merge(self, w: torch.Tensor) -> None:
-        """Fold Σ w_i s_i B_i A_i into W (fp32 arithmetic). An exact copy of W is kept for ``unmerge``."""
+    def merge(self, w: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Fold Σ w_i s_i B_i A_i into W (fp32 arithmetic). An exact copy of W is kept for ``unmerge``.
+        ``idx``: the adapters with a non-zero weight, when the caller already has them (one sync per model)."""
         weight = self.base.weight
         if self._w_orig is None:
             self._w_orig = weight.detach().clone()
-        idx = torch.nonzero(w).flatten()
+        if idx is None:
+            idx = torch.nonzero(w).flatten()
         A = self.A.index_select(0, idx).float()                        # (k, r, d_in)
         Bt = self.Bt.index_select(0, idx).float() * w[idx].view(-1, 1, 1)
         delta = Bt.reshape(-1, Bt.shape[-1]).t() @ A.reshape(-1, A.shape[-1])
@@ -445,8 +447,13 @@ class FusedAdapters:
         replaces the previous mixture; ``unmerge`` restores W exactly."""
         self._alive()
         w = self._row(weights_row, "merge weights")
+        idx = torch.nonzero(w).flatten()
+        dev = {}
         for layer in self.layers.values():
-            layer.merge(w.to(layer.A.device))
+            d = layer.A.device
+            if d not in dev:
+                dev[d] = (w.to(d), idx.to(d))
+            layer.merge(*dev[d])
         self.merged = w
 
     def unmerge(self) -> None:
