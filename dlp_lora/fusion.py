@@ -22,16 +22,18 @@ no Python loop over adapters or rows, and two matmuls per module whatever N is:
 * union path (a row uses every active adapter - e.g. all rows share one mixture): ``h = x @ A_sel.T`` over the
   active set, columns scaled by each row's weights, ``y = base(x) + h @ B_sel`` (``addmm``). ``A_sel/B_sel``
   are gathered once per active set and cached per layer;
-* per-row path (rows using *different* adapters): each row gathers only its own <= k_row adapters once per
-  routing decision (``A`` and the weight-scaled ``B``), then ``bmm`` + ``baddbmm``, so a 16-row batch of 16
-  different 3-adapter mixtures costs 3 adapters per token, not the union of 26 (the same idea as Punica's
-  per-row gathered BGMV kernel for multi-LoRA decoding).
+* per-row path (rows using *different* adapters; prefill always, decode steps up to a batch size, below):
+  each row gathers only its own <= k_row adapters once per routing decision (``A`` and the weight-scaled ``B``),
+  then ``bmm`` + ``baddbmm``, so a 16-row batch of 16 different 3-adapter mixtures costs 3 adapters per token,
+  not the union of 26 (the same idea as Punica's per-row gathered BGMV kernel for multi-LoRA decoding).
 
 Departure from DESIGN §4, measured: DESIGN's forward is the union path for every batch. With rows that differ,
-the union multiplies every row by every active adapter (FLOPs ~ batch * n_union); the per-row path does batch *
-k_row. On the 2-core CPU, SmolLM2-135M, 26 adapters, <= 3 per row, decode ours/PEFT-single was 1.015 (union)
-vs 0.999 (per-row) at batch 8, 0.998 vs 0.973 at 16, 1.042 vs 0.963 at 32 and 1.033 vs 1.013 at 64, even
-though the per-row path reads batch*k_row adapter copies instead of n_union.
+the union multiplies every row by every active adapter (FLOPs ~ batch * n_union) while the per-row path reads
+batch * k_row adapter copies (bytes ~ batch * k_row). A decode step takes the per-row path while
+``batch * k_row <= ROWS_DECODE_LIMIT * n_union``. ``scripts/decode_lockstep.py`` (SmolLM2-135M, 2-core CPU, 26
+adapters, <= 3 per row; decode time / PEFT single, per-row vs union): batch 8 0.984 vs 0.997 (ratio 2.2),
+16 1.009 vs 1.035 (2.3), 32 1.037 vs 1.054 (3.7), 64 1.056 vs 1.042 (7.4) - the crossover lies between 3.7
+and 7.4. ``MixtureState.decode_path`` forces either path.
 
 Adapter scales are folded into ``B`` at fuse time. Merge mode (batch 1) folds the mixture into ``W`` once per
 routing decision (an exact copy of ``W`` is kept and restored, never subtracted). ``export_mixture`` writes a
@@ -59,6 +61,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASK_FILE = "dlp_task.json"
 PEFT_PREFIX = "base_model.model."
+# Decode steps of rows on different adapters use the per-row path while batch * k_row <= this * n_union
+# (measured crossover between 3.7 and 7.4, see the module doc).
+ROWS_DECODE_LIMIT = 5
 # PEFT tensor names: base_model.model.<module>.lora_A.weight (an adapter name may sit before ".weight")
 _KEY_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
@@ -181,10 +186,10 @@ class MixtureState:
         self.row_idx: torch.Tensor | None = None      # (B, k_row) adapter index per row (padding has weight 0)
         self.version = 0
         self._cols: dict[Any, torch.Tensor] = {}
-        # A preference, kept across set(): decode steps (one new token) of rows on different adapters use the
-        # shared union path instead of per-row copies (fewer weight reads, batch x more FLOPs; slower on the CPU
-        # here at batch 8-64, see the module doc - worth measuring on a GPU).
-        self.union_decode = False
+        # A preference, kept across set(): the decode path of rows on different adapters - "auto" (per-row while
+        # batch * k_row <= ROWS_DECODE_LIMIT * n_union), "rows" or "union" (for tests and for measuring a GPU).
+        self.decode_path = "auto"
+        self.rows_decode = False                      # the choice for the current weights; set()
 
     def check(self, weights: Any, what: str = "mixture weights") -> torch.Tensor:
         """Validated float32 copy on the device (shape only; values are checked in ``set``)."""
@@ -218,11 +223,17 @@ class MixtureState:
             self.row_idx = torch.topk(row_any.to(torch.float32), self.k_row, dim=1).indices
         else:
             self.row_idx = None
+        if self.decode_path not in ("auto", "rows", "union"):
+            raise DLPError(f"decode_path: expected 'auto', 'rows' or 'union', got {self.decode_path!r}")
+        auto = w.shape[0] * self.k_row <= ROWS_DECODE_LIMIT * len(self.active)
+        self.rows_decode = self.row_idx is not None and (self.decode_path == "rows" or
+                                                         (self.decode_path == "auto" and auto))
         self.version += 1
         self._cols = {}
 
     def clear(self) -> None:
         self.weights, self.active, self.active_t, self.row_idx, self.k_row = None, (), None, None, 0
+        self.rows_decode = False
         self.version += 1
         self._cols = {}
 
@@ -310,7 +321,7 @@ class FusedLoRALinear(nn.Module):
             raise DLPError(f"mixture weights: {w.shape[1]} per-token weights but the input has {seq} new tokens "
                            "(with a KV cache pass weights for the new tokens only)")
         inplace = not torch.is_grad_enabled()
-        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or not st.union_decode):
+        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or st.rows_decode):
             # per-row path: every row uses only its own <= k_row adapters
             k = st.k_row
             if w.dim() == 2:

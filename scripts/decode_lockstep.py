@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dlp_lora import bench
-from dlp_lora.fusion import fuse_adapters
+from dlp_lora.fusion import ROWS_DECODE_LIMIT, fuse_adapters
 
 
 def main() -> None:
@@ -45,12 +45,13 @@ def main() -> None:
     rows_model, union_model = bench.shared_copy(model), bench.shared_copy(model)
     rows = fuse_adapters(rows_model, [str(d) for d in dirs])
     union = fuse_adapters(union_model, [str(d) for d in dirs])
-    union.state.union_decode = True
+    rows.state.decode_path, union.state.decode_path = "rows", "union"    # both paths, whatever "auto" would pick
     # the benchmark's P2 inputs (same seeds): random prompts, <= 3 adapters per row
     ids = bench.random_prompts(model, args.batch, args.prompt_len, args.seed + 200, "cpu")
     w = bench.random_mixtures(args.batch, args.adapters, cfg.top_p, cfg.max_selected, args.seed + 201)
     rows.set_weights(w)
     union.set_weights(w)
+    auto = "per-row" if rows.state.k_row * args.batch <= ROWS_DECODE_LIMIT * len(rows.state.active) else "union"
 
     systems = {"peft_single": peft_model, "ours_per_row": rows_model, "ours_union": union_model, "base": model}
     state: dict[str, dict] = {k: {} for k in systems}
@@ -77,7 +78,7 @@ def main() -> None:
     reads = {"peft_single": per_adapter, "ours_per_row": args.batch * rows.state.k_row * per_adapter,
              "ours_union": len(rows.state.active) * per_adapter, "base": 0}
     result = {"batch": args.batch, "threads": args.threads, "decode_steps": args.new * args.reps,
-              **bench._selected_stats(w), "k_row": rows.state.k_row,
+              **bench._selected_stats(w), "k_row": rows.state.k_row, "auto_decode_path": auto,
               "decode_s": {k: round(v, 3) for k, v in total.items()},
               "ratio_to_peft_single": {k: round(v / total["peft_single"], 4) for k, v in total.items()},
               "adapter_bytes_per_step_vs_model": {k: round(v / base_bytes, 4) for k, v in reads.items()}}

@@ -97,8 +97,8 @@ def main() -> None:
 
     systems = {
         "peft_single": (m_peft, None),
-        "fused26_mixed16": (m_fused, lambda: (setattr(f26.state, "union_decode", False), f26.set_weights(mixed))),
-        "fused26_mixed16_union_decode": (m_fused, lambda: (setattr(f26.state, "union_decode", True),
+        "fused26_mixed16": (m_fused, lambda: (setattr(f26.state, "decode_path", "rows"), f26.set_weights(mixed))),
+        "fused26_mixed16_union_decode": (m_fused, lambda: (setattr(f26.state, "decode_path", "union"),
                                                            f26.set_weights(mixed))),
         "fused26_one_mix3": (m_fused, lambda: f26.set_weights(one_mix)),
         f"fused{args.many}_one_hot": (m_many, lambda: fmany.set_weights(one_hot_many)),

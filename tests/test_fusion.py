@@ -176,8 +176,8 @@ def test_kv_cache_decode_with_per_row_and_per_token_weights(fresh, tiny_model_pa
     [[0.6, 0.5, 0.0, 0.0], [0.0, 0.0, 0.3, 0.9]],                         # 2 rows, disjoint adapters
 ])
 def test_both_decode_paths_agree_with_the_reference(fresh, tiny_model_path, adapters, w_step):
-    """Rows on different adapters: a cached decode step gives the naive reference's logits (1e-5) on the default
-    per-row path and on the union path (``state.union_decode``)."""
+    """Rows on different adapters: a cached decode step gives the naive reference's logits (1e-5) on the per-row
+    path (what "auto" picks for these small batches) and on the union path (``state.decode_path``)."""
     model, tok = fresh
     ref_model, _ = load_model(tiny_model_path, device="cpu", dtype="fp32")
     w_step = torch.tensor(w_step)
@@ -189,15 +189,16 @@ def test_both_decode_paths_agree_with_the_reference(fresh, tiny_model_path, adap
     steps = {}
     with torch.no_grad():
         for union in (False, True):
-            fused.state.union_decode = union                   # a preference kept across set_weights
+            fused.state.decode_path = "union" if union else "auto"   # a preference kept across set_weights
             fused.set_weights(w_step)
             assert fused.state.row_idx is not None             # rows differ: prefill takes the per-row path
+            assert fused.state.rows_decode is not union
             out = model(**batch, use_cache=True)
             steps[union] = model(input_ids=nxt, attention_mask=mask,
                                  position_ids=batch["position_ids"][:, -1:] + 1,
                                  past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
         fused.clear_weights()
-        fused.state.union_decode = False
+        fused.state.decode_path = "auto"
     full = {"input_ids": torch.cat([batch["input_ids"], nxt], 1), "attention_mask": mask,
             "position_ids": torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + 1], 1)}
     want = _naive_logits(ref_model, adapters, w_step, full)[:, -1]
@@ -206,8 +207,8 @@ def test_both_decode_paths_agree_with_the_reference(fresh, tiny_model_path, adap
 
 
 def test_decode_paths_agree_on_one_layer_with_many_adapters():
-    """A 16-row batch of different <=3-adapter mixtures out of 26 (the benchmark's P2 shape, small dims): per-row
-    (default) and union decode outputs agree within 1e-5 and equal the einsum reference."""
+    """A 16-row batch of different <=3-adapter mixtures out of 26 (the benchmark's P2 shape, small dims): "auto"
+    picks the per-row decode path; per-row and union outputs agree within 1e-5 and equal the einsum reference."""
     from dlp_lora.fusion import MixtureState
 
     gen = torch.Generator().manual_seed(0)
@@ -221,15 +222,36 @@ def test_decode_paths_agree_on_one_layer_with_many_adapters():
         idx = torch.randperm(21, generator=gen)[: 1 + b % 3]
         w[b, idx] = torch.rand(len(idx), generator=gen) + 0.1
     state.set(w)
-    assert state.k_row == 3 and not state.union_decode
+    assert state.k_row == 3 and state.rows_decode           # 16*3 <= 5 * n_union (<= 21)
     x = torch.randn(bsz, 1, d_in, generator=gen)
     want = base(x) + torch.einsum("bn,nrd,nre,bse->bsd", w, layer.Bt, layer.A, x)
     with torch.no_grad():
         rows = layer(x)
-        state.union_decode = True
+        state.decode_path = "union"
+        state.set(w)
+        assert not state.rows_decode
         union = layer(x)
     assert torch.allclose(union, rows, atol=1e-5, rtol=0)
     assert torch.allclose(rows, want, atol=1e-4, rtol=0)
+
+
+def test_auto_decode_path_switches_to_the_union_for_large_batches_of_few_adapters():
+    """Many rows sharing a few adapters: per-row copies would read batch * k_row adapters for n_union distinct
+    ones, so "auto" takes the union path beyond ROWS_DECODE_LIMIT; a bad preference is a DLPError."""
+    from dlp_lora.fusion import ROWS_DECODE_LIMIT, MixtureState
+
+    state = MixtureState(4, torch.device("cpu"))
+    few = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    state.set(few)                                               # 3 rows x 2 <= 5 x 3 -> per-row
+    assert state.row_idx is not None and state.rows_decode
+    state.set(few.repeat(8, 1))                                  # 24 rows x 2 = 48 > 5 x 3 -> union
+    assert state.row_idx is not None and not state.rows_decode and 24 * 2 > ROWS_DECODE_LIMIT * 3
+    state.decode_path = "rows"
+    state.set(few.repeat(8, 1))
+    assert state.rows_decode
+    state.decode_path = "fast"
+    with pytest.raises(DLPError, match="decode_path"):
+        state.set(few)
 
 
 def test_merge_equals_unmerged_and_unmerge_restores_exactly(fresh, adapters):
