@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dlp_lora import bench
-from dlp_lora.fusion import ROWS_DECODE_LIMIT, fuse_adapters
+from dlp_lora.fusion import fuse_adapters
 
 
 def main() -> None:
@@ -45,13 +45,14 @@ def main() -> None:
     rows_model, union_model = bench.shared_copy(model), bench.shared_copy(model)
     rows = fuse_adapters(rows_model, [str(d) for d in dirs])
     union = fuse_adapters(union_model, [str(d) for d in dirs])
-    rows.state.decode_path, union.state.decode_path = "rows", "union"    # both paths, whatever "auto" would pick
     # the benchmark's P2 inputs (same seeds): random prompts, <= 3 adapters per row
     ids = bench.random_prompts(model, args.batch, args.prompt_len, args.seed + 200, "cpu")
     w = bench.random_mixtures(args.batch, args.adapters, cfg.top_p, cfg.max_selected, args.seed + 201)
     rows.set_weights(w)
+    auto = "per-row" if rows.state.rows_decode else "union"        # what the engine's "auto" rule picks here
+    rows.state.decode_path, union.state.decode_path = "rows", "union"    # then measure both paths
+    rows.set_weights(w)
     union.set_weights(w)
-    auto = "per-row" if rows.state.k_row * args.batch <= ROWS_DECODE_LIMIT * len(rows.state.active) else "union"
 
     systems = {"peft_single": peft_model, "ours_per_row": rows_model, "ours_union": union_model, "base": model}
     state: dict[str, dict] = {k: {} for k in systems}
