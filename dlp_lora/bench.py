@@ -267,13 +267,6 @@ class Stopwatch:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def decode_fixed(model, ids, new_tokens: int, device: str, setup: Callable[[], Any] | None = None,
                  teardown: Callable[[], Any] | None = None, fwd_kwargs: dict | None = None) -> dict:
     """The one decode loop every system uses: ``setup()``, a prefill forward (first token), ``new_tokens - 1``

@@ -14,6 +14,9 @@ import sys
 from .config import DLPError, read_text_file
 
 
+_MODEL_HELP = "base model: default | tiny | a folder (default: the base model the run's adapters were trained on)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (no usage dump)."""
 
@@ -22,18 +25,36 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _not_implemented(args) -> int:
-    sys.stderr.write(f"error: dlp-lora {args.command} is not implemented yet\n")
-    return 2
+def add_selection_arguments(p, **defaults) -> None:
+    """The selection options (one flag each). Their defaults and choices live in :class:`SelectionConfig`;
+    ``defaults`` changes a default for one command (eval's dlp system routes per prompt)."""
+    from .selection import GRANULARITIES, WEIGHTINGS, SelectionConfig
+
+    d = SelectionConfig.from_mapping(defaults)
+    p.add_argument("--top-p", type=float, default=None, help=f"router top-p (default {d.top_p}, the paper's)")
+    p.add_argument("--weighting", default=None, choices=WEIGHTINGS,
+                   help=f"fusion weights from kept probs: paper = softmax (Eq. 5), renorm (default {d.weighting})")
+    p.add_argument("--granularity", default=None, choices=GRANULARITIES,
+                   help=f"route once per prompt, per sentence (paper) or per numbered question (default {d.granularity})")
+    p.add_argument("--max-adapters", type=int, default=None, help=f"cap on adapters per row (default {d.max_adapters}: no cap)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help=f"below this top-1 probability use the base model (default {d.min_confidence})")
+    p.set_defaults(_selection_defaults=defaults)
 
 
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
+def selection_from_args(args):
+    """The one validated SelectionConfig of a command line (errors name the flag)."""
+    from .selection import SelectionConfig
+
+    base = SelectionConfig.from_mapping(getattr(args, "_selection_defaults", None))
+    given = {k: getattr(args, k, None) for k in ("top_p", "weighting", "max_adapters", "min_confidence", "granularity")}
+    try:
+        return SelectionConfig.from_mapping(given, base=base, where="")
+    except DLPError as e:  # "top_p: must be ..." -> "--top-p: must be ..."
+        field, _, rest = str(e).partition(":")
+        raise DLPError(f"--{field.replace('_', '-')}:{rest}") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
     from . import models
@@ -478,7 +499,7 @@ def _p_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server (routed, fused, batched); --upstream: route in front "
                                      "of a vLLM-class LoRA server")
     p.add_argument("--run", required=True, help="run folder (adapters.txt, router/)")
-    p.add_argument("--model", default="default", help="base model: default | tiny | a folder")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--router", default=None, help="router folder (default: RUN/router when present)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: auto)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -519,16 +540,19 @@ def _p_serve(sub) -> None:
 # generate / export-mixture (fused engine)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _engine_adapters(args):
-    """Adapters from --adapters (adapters.txt, run folder or comma list of folders) or --run."""
-    from .config import DLPError
+def _open_engine_run(args, router=None):
+    """The run of --run or --adapters (adapters.txt, run folder or comma list of folders); --model overrides the
+    adapters' own base model."""
+    from .run import open_run
 
     if args.adapters:
         parts = [p for p in args.adapters.split(",") if p.strip()]
-        return parts if len(parts) > 1 else parts[0]
-    if args.run:
-        return args.run
-    raise DLPError("give --run RUN or --adapters (adapters.txt, run folder or comma list of adapter folders)")
+        spec = parts if len(parts) > 1 else parts[0]
+    elif args.run:
+        spec = args.run
+    else:
+        raise DLPError("give --run RUN or --adapters (adapters.txt, run folder or comma list of adapter folders)")
+    return open_run(spec, router=router, model=args.model)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -559,31 +583,20 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from pathlib import Path
-
-    from .config import DLPError
     from .pipeline import DLPPipeline, parse_weights
 
     if (args.prompt is None) == (args.input is None):
         raise DLPError("give exactly one of --prompt or --input")
-    if not (0.0 < args.top_p <= 1.0):
-        raise DLPError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.run and not Path(args.run).exists():
-        raise DLPError(f"{args.run}: run folder not found")
+    selection = selection_from_args(args)
     prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.input)
-    router = args.router
-    if router is None and args.run and (Path(args.run) / "router").is_dir():
-        router = str(Path(args.run) / "router")
     weights = parse_weights(args.weights) if args.weights else None
-    if router is None and weights is None:
-        raise DLPError("no router: give --run with a router/ folder, --router DIR, or force a mixture with --weights")
-    pipe = DLPPipeline.from_pretrained(args.model, _engine_adapters(args), router=router if weights is None else None,
-                                       device=args.device, dtype=args.dtype)
-    results = pipe.generate(prompts, top_p=args.top_p, weighting=args.weighting, granularity=args.granularity,
-                            weights=weights, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p_sampling=args.top_p_sampling, seed=args.seed, chat=not args.no_chat,
-                            max_adapters=args.max_adapters or None, min_confidence=args.min_confidence or None,
-                            batch_size=args.batch_size, merge=args.merge)
+    run = _open_engine_run(args, router=False if weights is not None else args.router)
+    if weights is None:
+        run.require_router()
+    pipe = DLPPipeline.from_run(run, device=args.device, dtype=args.dtype)
+    results = pipe.generate(prompts, selection, weights=weights, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p_sampling=args.top_p_sampling, seed=args.seed,
+                            chat=not args.no_chat, batch_size=args.batch_size, merge=args.merge)
     for prompt, r in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, **r.to_json()}, ensure_ascii=False))
@@ -599,17 +612,12 @@ def cmd_generate(args) -> int:
 def _p_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate with routed, fused LoRAs")
     p.add_argument("--run", default=None, help="run folder (adapters.txt, router/)")
-    p.add_argument("--model", default="default", help="base model: default | tiny | a folder (default: default)")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--adapters", default=None, help="adapters.txt, a run folder or a comma list of adapter folders")
     p.add_argument("--router", default=None, help="router folder (default: RUN/router when present)")
     p.add_argument("--prompt", default=None, help="one prompt")
     p.add_argument("--input", default=None, help="JSON Lines file of prompts ({\"prompt\": ...} or strings)")
-    p.add_argument("--top-p", type=float, default=0.8, help="router top-p (paper: 0.8)")
-    p.add_argument("--weighting", default="paper", choices=("paper", "renorm"), help="fusion weights from kept probs")
-    p.add_argument("--granularity", default="sentence", choices=("sentence", "prompt"),
-                   help="route per sentence (paper) or once per prompt")
-    p.add_argument("--max-adapters", type=int, default=0, help="cap on adapters per row (0: no cap)")
-    p.add_argument("--min-confidence", type=float, default=0.0, help="below this top-1 prob use the base model")
+    add_selection_arguments(p)
     p.add_argument("--weights", default=None, help="force a mixture: task=w,task=w (no router)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -627,12 +635,12 @@ def _p_generate(sub) -> None:
 def cmd_export_mixture(args) -> int:
     from .fusion import fuse_adapters
     from .models import load_model
-    from .pipeline import resolve_adapters, parse_weights
+    from .pipeline import parse_weights
 
-    dirs = resolve_adapters(_engine_adapters(args))
+    run = _open_engine_run(args, router=False)
     mapping = parse_weights(args.weights)
-    model, _ = load_model(args.model, device="cpu", dtype="fp32")
-    fused = fuse_adapters(model, dirs)
+    model, _ = load_model(run.base_model, device="cpu", dtype="fp32")
+    fused = fuse_adapters(model, run.adapter_dirs, names=run.names)
     out = fused.export_mixture(fused.weights_vector(mapping), args.out, overwrite=args.overwrite)
     print(out)
     return 0
@@ -642,21 +650,11 @@ def _p_export_mixture(sub) -> None:
     p = sub.add_parser("export-mixture", help="write a fused mixture as one PEFT adapter")
     p.add_argument("--run", default=None, help="run folder (adapters.txt)")
     p.add_argument("--adapters", default=None, help="adapters.txt, a run folder or a comma list of adapter folders")
-    p.add_argument("--model", default="default", help="base model the adapters belong to (default: default)")
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
     p.add_argument("--weights", required=True, help="the mixture: task=w,task=w")
     p.add_argument("--out", required=True, help="output adapter folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=cmd_export_mixture)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# stages built by later work: registered now so the command surface is stable
-# ---------------------------------------------------------------------------------------------------------------
-
-def _p_stub(sub, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=help)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_implemented)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,11 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DLPError, atomic_dir, atomic_write_json
-from .lora import check_adapter_dir
+from .run import ADAPTER_CONFIG as CONFIG_FILE, ADAPTER_WEIGHTS as WEIGHTS_FILE, TASK_META as TASK_FILE
+from .run import check_adapter_dir, read_task_name
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-TASK_FILE = "dlp_task.json"
 PEFT_PREFIX = "base_model.model."
 # Decode steps of rows on different adapters use the per-row path while batch * k_row <= this * n_union
 # (measured crossover between 3.7 and 7.4, see the module doc).
@@ -78,21 +76,6 @@ def _pattern_key(keys: Sequence[str], name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
-
-
-def read_task_name(adapter_dir: str | os.PathLike) -> str:
-    """The task name of an adapter: ``dlp_task.json`` "task", else the folder name."""
-    d = Path(adapter_dir)
-    f = d / TASK_FILE
-    if f.is_file():
-        try:
-            meta = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DLPError(f"{f}: cannot read ({e.__class__.__name__})") from None
-        if not (isinstance(meta, dict) and isinstance(meta.get("task"), str) and meta["task"].strip()):
-            raise DLPError(f"{f}: field 'task': missing or not a non-empty string")
-        return meta["task"]
-    return d.resolve().name
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> dict:

@@ -17,7 +17,7 @@ Output folder (an ordinary PEFT adapter that ``PeftModel.from_pretrained`` loads
     adapter_config.json  adapter_model.safetensors  dlp_task.json  train_config.json
 
 A run folder holds ``adapters/<task>/`` per task and ``adapters.txt`` (one adapter folder a line, relative to the
-file's folder; the seed's "LoRA pathList.txt"), read back by :func:`read_adapter_list`.
+file's folder; the seed's "LoRA pathList.txt"), read back by :func:`dlp_lora.run.read_adapter_list`.
 """
 
 from __future__ import annotations
@@ -33,12 +33,9 @@ from typing import Any, Iterable, Sequence
 from .config import (DLPError, LoRATrainConfig, read_text_file, atomic_dir, check_output_path, atomic_write_json, atomic_write_text, config_to_dict,
                      save_config)
 from .data import TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
+from .run import (ADAPTER_CONFIG, ADAPTER_LIST, ADAPTER_WEIGHTS, TASK_META, TRAIN_CONFIG, read_adapter_list,
+                  read_task_meta, write_adapter_list)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TASK_META = "dlp_task.json"
-TRAIN_CONFIG = "train_config.json"
-ADAPTER_LIST = "adapters.txt"
 RESUME_INFO = "dlp_resume.json"     # inside the work folder: what a resumed run must match
 IGNORE_INDEX = -100                 # label value the causal-LM loss ignores
 
@@ -421,113 +418,3 @@ def train_adapters(model_spec: str | os.PathLike, data_dir: str | os.PathLike, r
 # ----------------------------------------------------------------------------------------------------------------
 # Adapter lists and folders
 # ----------------------------------------------------------------------------------------------------------------
-
-def write_adapter_list(path: str | os.PathLike, dirs: Iterable[str | os.PathLike]) -> Path:
-    """Write ``adapters.txt``: one folder a line, relative to the file's folder when inside it (atomic)."""
-    path = Path(path).absolute()
-    lines = []
-    for d in dirs:
-        d = Path(d).absolute()
-        try:
-            rel = d.relative_to(path.parent)
-            lines.append(rel.as_posix())
-        except ValueError:
-            lines.append(str(d))
-    if not lines:
-        raise DLPError(f"{path}: no adapter folders to list")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def read_adapter_list(path_or_list: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Adapter folders from ``adapters.txt``, a run folder (``RUN/adapters.txt``) or a list of folders.
-
-    In the file blank lines and ``#`` comments are ignored and relative paths resolve against the file's folder.
-    Every folder must exist; duplicates are refused (the order defines the router's labels).
-    """
-    if isinstance(path_or_list, (list, tuple)):
-        dirs = [Path(p).absolute() for p in path_or_list]
-        if not dirs:
-            raise DLPError("adapters: empty list of adapter folders")
-        for d in dirs:
-            if not d.is_dir():
-                raise DLPError(f"{d}: adapter folder not found")
-        if len(set(dirs)) != len(dirs):
-            raise DLPError("adapters: the same adapter folder is listed twice")
-        return dirs
-    path = Path(path_or_list)
-    if path.is_dir():
-        if not (path / ADAPTER_LIST).is_file():
-            raise DLPError(f"{path}: no {ADAPTER_LIST} (expected a run folder or an {ADAPTER_LIST} file)")
-        path = path / ADAPTER_LIST
-    text = read_text_file(path)
-    base = path.absolute().parent
-    dirs: list[Path] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        d = Path(line).expanduser()
-        d = d if d.is_absolute() else base / d
-        d = Path(os.path.normpath(d))
-        if not d.exists():
-            raise DLPError(f"{path}: line {n}: {line}: not found")
-        if not d.is_dir():
-            raise DLPError(f"{path}: line {n}: {line}: not a folder")
-        if d in dirs:
-            raise DLPError(f"{path}: line {n}: {line}: listed twice")
-        dirs.append(d)
-    if not dirs:
-        raise DLPError(f"{path}: no adapter folders listed")
-    return dirs
-
-
-def check_adapter_dir(adapter_dir: str | os.PathLike) -> dict:
-    """Parsed ``adapter_config.json`` of a PEFT LoRA folder with safetensors weights; a one-line DLPError for
-    anything else (the fused engine reads adapters through this check too)."""
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise DLPError(f"{d}: adapter folder not found")
-    cfg_path = d / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise DLPError(f"{d}: not a PEFT LoRA folder (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLPError(f"{cfg_path}: cannot read ({e.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise DLPError(f"{cfg_path}: expected a JSON object")
-    ptype = str(cfg.get("peft_type", "")).upper()
-    if ptype != "LORA":
-        raise DLPError(f"{cfg_path}: field 'peft_type': {cfg.get('peft_type')!r} is not a LoRA adapter")
-    if not (d / ADAPTER_WEIGHTS).is_file():
-        extra = " (pickled adapter_model.bin is never loaded)" if (d / "adapter_model.bin").exists() else ""
-        raise DLPError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
-    for key in ("r", "target_modules"):
-        if key not in cfg:
-            raise DLPError(f"{cfg_path}: field {key!r}: missing")
-    return cfg
-
-
-def read_task_meta(adapter_dir: str | os.PathLike) -> dict:
-    """``dlp_task.json`` of an adapter; for adapters trained elsewhere, metadata derived from the folder name
-    (task = folder name, metric ``exact``, no choices)."""
-    d = Path(adapter_dir)
-    p = d / TASK_META
-    if not p.is_file():
-        return {"task": d.absolute().name, "metric": "exact", "choices": None, "derived": True}
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLPError(f"{p}: cannot read ({e.__class__.__name__})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-        raise DLPError(f"{p}: field 'task': missing or not a string")
-    return meta
-
-
-def adapter_summary(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Config + task metadata of an adapter folder (for listings)."""
-    cfg = check_adapter_dir(adapter_dir)
-    meta = read_task_meta(adapter_dir)
-    return {"task": meta.get("task"), "r": cfg.get("r"), "alpha": cfg.get("lora_alpha"),
-            "target_modules": cfg.get("target_modules"), "steps": meta.get("steps"), "path": str(adapter_dir)}

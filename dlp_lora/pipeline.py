@@ -33,8 +33,8 @@ from .data import format_prompt, split_sentences
 from .fusion import FusedAdapters, fuse_adapters
 from .models import eos_token_ids, load_model, tokenizer_identity
 from .router.select import select_top_p
-
-GRANULARITIES = ("prompt", "sentence")
+from .run import Run, open_run
+from .selection import SelectionConfig
 # a sentence boundary in generated text: end punctuation (+ closing quotes/brackets) then whitespace, or a newline
 _BOUNDARY = re.compile(r"[.!?][\"')\]]*\s|\n")
 
@@ -54,22 +54,6 @@ class GenerationResult:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-def resolve_adapters(adapters) -> list[Path]:
-    """Adapter folders from a run folder, an adapters.txt or a list (``dlp_lora.lora.read_adapter_list``)."""
-    from .lora import read_adapter_list
-
-    if isinstance(adapters, (str, os.PathLike)):
-        p = Path(adapters)
-        if p.is_dir() and (p / "adapter_config.json").is_file():   # a single adapter folder
-            return [p]
-        return read_adapter_list(p)
-    return read_adapter_list(list(adapters))
-
-
 def load_router(router, device: str = "cpu"):
     """``None`` | a router folder | an object with ``.labels`` and ``.probs(texts) -> (B, N)``."""
     if router is None:
@@ -79,7 +63,7 @@ def load_router(router, device: str = "cpu"):
         if not p.is_dir():
             raise DLPError(f"{p}: router folder not found")
         try:
-            from .router import Router
+            from .router.inference import Router
         except ImportError:
             raise DLPError(f"{p}: cannot load routers (dlp_lora.router.Router is not available)") from None
         return Router.load(p, device=device)
@@ -147,10 +131,6 @@ class _Row:
         self.prompt_tokens = 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the pipeline
-# ----------------------------------------------------------------------------------------------------------------
-
 class DLPPipeline:
     """Base model + fused task adapters + router. ``generate`` routes, mixes and decodes a batch at once."""
 
@@ -170,17 +150,22 @@ class DLPPipeline:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, model_spec="default", adapters=None, router=None, device: str | None = None,
-                        dtype: str | None = "auto") -> "DLPPipeline":
-        """Load the base model, fuse the adapters (run folder | adapters.txt | list of folders), load the router
-        (folder | router object | None)."""
-        if adapters is None:
-            raise DLPError("adapters: give a run folder, an adapters.txt or a list of adapter folders")
-        dirs = resolve_adapters(adapters)
-        router_obj = load_router(router)            # fail on a bad router before loading the model
-        model, tok = load_model(model_spec, device=device, dtype=dtype)
-        fused = fuse_adapters(model, dirs)
-        return cls(model, tok, fused, router_obj)
+    def from_run(cls, run: Run | str | os.PathLike | Sequence, *, model: str | None = None, router=None,
+                 device: str | None = None, dtype: str | None = "auto") -> "DLPPipeline":
+        """The one way to build a pipeline from a run: ``run`` is a :class:`~dlp_lora.run.Run` or anything
+        :func:`~dlp_lora.run.open_run` takes. ``model`` overrides the adapters' own base model; ``router``: None =
+        the run's ``router/`` when present, a folder or a router object, False = none."""
+        if not isinstance(run, Run):
+            run = open_run(run, router=router if router is None or isinstance(router, (str, os.PathLike, bool))
+                           else False, model=model)
+        elif model:
+            run = dataclasses.replace(run, base_model=str(model))
+        router_src = router if router is not None and not isinstance(router, (str, os.PathLike, bool)) \
+            else run.router_dir
+        router_obj = load_router(router_src)        # fail on a bad router before loading the model
+        lm, tok = load_model(run.base_model, device=device, dtype=dtype)
+        fused = fuse_adapters(lm, run.adapter_dirs, names=run.names)
+        return cls(lm, tok, fused, router_obj)
 
     def _check_router(self, router) -> None:
         labels = list(router.labels)
@@ -193,10 +178,10 @@ class DLPPipeline:
                            f"({rid} != {tokenizer_identity(self.tokenizer)})")
 
     # routing ----------------------------------------------------------------------------------------------------
-    def route(self, texts: Sequence[str], top_p: float = 0.8, weighting: str = "paper",
-              max_adapters: int | None = None, min_confidence: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, texts: Sequence[str], selection: SelectionConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities ``(B, N)`` and top-p fusion weights ``(B, N)`` for ``texts``."""
-        _check_top_p(top_p)
+        sel = selection or SelectionConfig()
         if self.router is None:
             raise DLPError("router: none loaded (pass a router, or force a mixture with weights=)")
         texts = list(texts)
@@ -204,7 +189,8 @@ class DLPPipeline:
         probs = torch.as_tensor(probs, dtype=torch.float32).detach().cpu()
         if probs.shape != (len(texts), len(self.names)):
             raise DLPError(f"router: probs of shape {tuple(probs.shape)}, expected ({len(texts)}, {len(self.names)})")
-        return probs, select_top_p(probs, top_p, weighting, max_adapters, min_confidence)
+        return probs, select_top_p(probs, sel.top_p, sel.weighting, sel.max_adapters or None,
+                                   sel.min_confidence or None)
 
     def _record(self, sentence: str, w: torch.Tensor, p: torch.Tensor | None, source: str) -> dict:
         sel = sorted((i for i in range(len(self.names)) if float(w[i]) > 0), key=lambda i: (-float(w[i]), i))
@@ -214,13 +200,12 @@ class DLPPipeline:
                 "source": source}
 
     # generation -------------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str] | str, *, top_p: float = 0.8, weighting: str = "paper",
-                 granularity: str = "sentence", weights=None, max_new_tokens=64, temperature=0.0,
-                 top_p_sampling: float = 1.0, seed: int | None = None, stop=None, chat: bool = True,
-                 max_adapters: int | None = None, min_confidence: float | None = None,
-                 on_text: Callable[[int, str], Any] | None = None, batch_size: int = 16,
-                 merge: bool = False) -> list[GenerationResult]:
-        """Generate for every prompt (see the module doc). ``weights`` forces a mixture: a ``(B, N)`` tensor or a
+    def generate(self, prompts: Sequence[str] | str, selection: SelectionConfig | None = None, *, weights=None,
+                 max_new_tokens=64, temperature=0.0, top_p_sampling: float = 1.0, seed: int | None = None,
+                 stop=None, chat: bool = True, on_text: Callable[[int, str], Any] | None = None,
+                 batch_size: int = 16, merge: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt (see the module doc). ``selection``: top-p, weighting, caps and granularity
+        (default :class:`SelectionConfig`). ``weights`` forces a mixture: a ``(B, N)`` tensor or a
         per-row list of ``None`` (route) | ``{task: weight}`` | ``(N,)`` tensor; all-zero = base model.
         ``on_text(row, delta)`` streams text; returning True cancels that row. ``merge=True`` generates one
         prompt at a time with the mixture folded into the weights (≈0 per-token overhead)."""
@@ -230,9 +215,9 @@ class DLPPipeline:
         if not all(isinstance(p, str) for p in prompts):
             raise DLPError("prompts: expected a list of strings")
         n = len(prompts)
-        _check_top_p(top_p)
-        if granularity not in GRANULARITIES:
-            raise DLPError(f"granularity: must be prompt|sentence, got {granularity!r}")
+        sel = selection or SelectionConfig()
+        if not isinstance(sel, SelectionConfig):
+            raise DLPError(f"selection: expected a SelectionConfig, got {type(sel).__name__}")
         if not (isinstance(top_p_sampling, (int, float)) and 0 < top_p_sampling <= 1):
             raise DLPError(f"top_p_sampling: must be in (0, 1], got {top_p_sampling!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -256,9 +241,7 @@ class DLPPipeline:
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
         step = 1 if merge else batch_size
         results: list[GenerationResult] = []
-        opts = dict(top_p=top_p, weighting=weighting, granularity=granularity, chat=chat, max_adapters=max_adapters,
-                    min_confidence=min_confidence, top_p_sampling=float(top_p_sampling), on_text=on_text,
-                    merge=merge, gen=gen)
+        opts = dict(sel=sel, chat=chat, top_p_sampling=float(top_p_sampling), on_text=on_text, merge=merge, gen=gen)
         for start in range(0, n, step):
             idx = list(range(start, min(n, start + step)))
             rows = [_Row(i, max_new[i], float(temps[i]), stops[i]) for i in idx]
@@ -280,15 +263,14 @@ class DLPPipeline:
             raise DLPError(f"weights: expected one entry per prompt ({n})")
         return [None if w is None else self.fused._row(w, f"weights[{i}]") for i, w in enumerate(weights)]
 
-    def _prompt_weights(self, prompts, texts, enc, rows, forced, granularity, top_p, weighting, max_adapters,
-                        min_confidence):
+    def _prompt_weights(self, prompts, texts, enc, rows, forced, sel: SelectionConfig):
         """Initial routing: (B, N) weights for decoding, and prefill weights ((B, N) or per-token (B, S, N))."""
         n_ad = len(self.names)
-        sents = [split_sentences(p) or [p] if granularity == "sentence" else [p] for p in prompts]
+        sents = [split_sentences(p) or [p] if sel.granularity == "sentence" else [p] for p in prompts]
         to_route = [s for b, f in enumerate(forced) if f is None for s in sents[b]]
         probs = weights = None
         if to_route:
-            probs, weights = self.route(to_route, top_p, weighting, max_adapters, min_confidence)
+            probs, weights = self.route(to_route, sel)
         cur = torch.zeros(len(prompts), n_ad)
         per_sentence: list[list[torch.Tensor]] = []
         k = 0
@@ -390,17 +372,16 @@ class DLPPipeline:
         return bool(on_text(row.index, delta)) if on_text is not None else False
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts, rows: list[_Row], forced, *, top_p, weighting, granularity, chat,
-                        max_adapters, min_confidence, top_p_sampling, on_text, merge, gen) -> list[GenerationResult]:
+    def _generate_batch(self, prompts, rows: list[_Row], forced, *, sel: SelectionConfig, chat, top_p_sampling,
+                        on_text, merge, gen) -> list[GenerationResult]:
         t0 = time.perf_counter()
         tok, model, dev = self.tokenizer, self.model, self.device
         texts = [format_prompt(tok, p) if chat else p for p in prompts]
-        want_offsets = granularity == "sentence" and getattr(tok, "is_fast", False)
+        want_offsets = sel.granularity == "sentence" and getattr(tok, "is_fast", False)
         enc = tok(texts, return_tensors="pt", padding=True, return_offsets_mapping=want_offsets)
-        cur, pre = self._prompt_weights(prompts, texts, enc, rows, forced, granularity, top_p, weighting,
-                                        max_adapters, min_confidence)
+        cur, pre = self._prompt_weights(prompts, texts, enc, rows, forced, sel)
         routed = [f is None for f in forced]
-        resentence = granularity == "sentence"
+        resentence = sel.granularity == "sentence"
         ids = enc["input_ids"].to(dev)
         mask = enc["attention_mask"].to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -456,7 +437,7 @@ class DLPPipeline:
                 changed = False
                 reroute = [(b, s) for b, s in reroute if rows[alive[b]].finish is None]
                 if reroute:
-                    probs, w = self.route([s for _, s in reroute], top_p, weighting, max_adapters, min_confidence)
+                    probs, w = self.route([s for _, s in reroute], sel)
                     for k, (b, s) in enumerate(reroute):
                         cur[b] = w[k]
                         rows[alive[b]].routing.append(self._record(s, w[k], probs[k], "output"))
@@ -485,11 +466,6 @@ class DLPPipeline:
         return [GenerationResult(text=r.text, routing=r.routing, prompt_tokens=r.prompt_tokens,
                                  completion_tokens=len(r.ids), finish_reason=r.finish or "length",
                                  seconds=round(r.seconds, 6)) for r in rows]
-
-
-def _check_top_p(top_p) -> None:
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < float(top_p) <= 1.0):
-        raise DLPError(f"top_p: must be in (0, 1], got {top_p!r}")
 
 
 def parse_weights(spec: str) -> dict[str, float]:

@@ -1070,16 +1070,11 @@ def create_app(pipeline_or_run, config: ServeConfig | None = None, *, model: str
 # Running it
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_pipeline(run, model: str = "default", router=None, device: str | None = None):
-    """The pipeline of a run folder: its adapters and, when present, its router (``RUN/router``)."""
+def load_pipeline(run, model: str | None = None, router=None, device: str | None = None):
+    """The pipeline of a run: its adapters, its own base model unless ``model`` overrides it, and its router."""
     from .pipeline import DLPPipeline
 
-    run = Path(run)
-    if not run.exists():
-        raise DLPError(f"{run}: run folder not found")
-    if router is None and (run / "router").is_dir():
-        router = run / "router"
-    return DLPPipeline.from_pretrained(model, run, router, device=device)
+    return DLPPipeline.from_run(run, model=model, router=router, device=device)
 
 
 def _check_bind(host: str, port: int) -> int:
@@ -1100,7 +1095,7 @@ def _check_bind(host: str, port: int) -> int:
         return sock.getsockname()[1]
 
 
-def serve(run, config: ServeConfig | None = None, model: str = "default", router=None, device: str | None = None,
+def serve(run, config: ServeConfig | None = None, model: str | None = None, router=None, device: str | None = None,
           log_level: str = "warning") -> None:
     """Load the run and serve it with uvicorn until interrupted."""
     import uvicorn

@@ -11,7 +11,8 @@ loading, and top-p selection of fusion weights.
 from .data import fuse_router_files, make_router_data, read_router_data
 from .mlp import MiniMLPRouter
 from .select import select_top_p
-from .train import Router, train_router
+from .inference import Router
+from .train import train_router
 
 __all__ = ["Router", "select_top_p", "make_router_data", "fuse_router_files", "train_router", "MiniMLPRouter",
            "read_router_data"]

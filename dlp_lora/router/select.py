@@ -92,12 +92,3 @@ def select_top_p(probs, top_p: float, weighting: str = "paper", max_adapters: in
     w_sorted = torch.where(total > 0, raw / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(raw))
     weights = torch.zeros_like(sp).scatter_(-1, order, w_sorted)
     return weights[0] if squeeze else weights
-
-
-def selected_indices(weights: torch.Tensor) -> list[list[int]]:
-    """Kept task indices per row of a weights tensor, ordered by weight (descending) - for display/logging."""
-    w = weights.unsqueeze(0) if weights.dim() == 1 else weights
-    out = []
-    for row in w.detach().cpu().tolist():
-        out.append([i for i, _ in sorted(((i, x) for i, x in enumerate(row) if x > 0), key=lambda t: (-t[1], t[0]))])
-    return out
