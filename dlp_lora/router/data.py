@@ -30,10 +30,10 @@ from typing import Any, Iterable, Sequence
 
 from ..config import DLPError, RouterDataConfig, read_json_file, read_text_file, atomic_dir, atomic_write_json, atomic_write_text, save_config
 from ..data import TaskData, read_task, read_task_dir, split_sentences
+from .labels import LABELS_FILE, check_label_order, read_labels  # noqa: F401  (re-exported)
 
 SPLITS = ("train", "val", "test")
 COMPOSITE_FILE = "test_composite.jsonl"
-LABELS_FILE = "labels.json"
 UNEQUAL_RATIO = 3.0                     # warn when the largest task has this many times the smallest's questions
 
 
@@ -229,18 +229,6 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 # Reading router data
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """``labels.json``: a non-empty list of distinct task names."""
-    path = Path(path)
-    labels = read_json_file(path)
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
-        raise DLPError(f"{path}: expected a non-empty JSON list of task names")
-    if len(set(labels)) != len(labels):
-        dup = next(x for x in labels if labels.count(x) > 1)
-        raise DLPError(f"{path}: task {dup!r} is listed twice")
-    return labels
-
-
 def read_router_file(path: str | os.PathLike, labels: Sequence[str] | None = None,
                      allow_empty: bool = False) -> list[dict]:
     """Records of one labelled router file; checks text/label/task (and label == index of task in ``labels``)."""
@@ -290,19 +278,6 @@ def read_router_data(data_dir: str | os.PathLike) -> tuple[list[str], dict[str, 
     if missing:
         raise DLPError(f"{d / 'train.jsonl'}: task {missing[0]!r}: no training records (empty task)")
     return labels, splits
-
-
-def check_label_order(labels: Sequence[str], names: Sequence[str], where: str) -> None:
-    """DLPError naming the first difference when router labels and adapter task names differ."""
-    labels, names = list(labels), list(names)
-    if labels == names:
-        return
-    for i, (a, b) in enumerate(zip(labels, names)):
-        if a != b:
-            raise DLPError(f"{where}: labels differ from the adapters list at position {i}: "
-                           f"router has {a!r}, adapters have {b!r}")
-    raise DLPError(f"{where}: router has {len(labels)} labels but the adapters list has {len(names)} tasks "
-                   f"(first extra: {(labels + names)[min(len(labels), len(names))]!r})")
 
 
 def adapter_task_names(adapters) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..config import DLPError, RouterConfig, load_config
-from .data import LABELS_FILE, check_label_order, read_labels
+from .labels import LABELS_FILE, check_label_order, read_labels
 from .hf import hf_logits, rebuild_hf_router, special_ids
 from .mlp import MiniMLPRouter, TokenEncoder, count_params
 
