@@ -1,4 +1,5 @@
-"""Layers import only downward (DESIGN §3): data -> lora -> router -> fusion -> pipeline -> evaluate -> front-ends."""
+"""Layers import only downward (DESIGN §3): data -> lora -> router -> fusion -> pipeline -> evaluate -> front-ends,
+and inference code never imports training code."""
 
 import ast
 from pathlib import Path
@@ -7,16 +8,46 @@ PKG = Path(__file__).resolve().parents[1] / "dlp_lora"
 
 # rank of each top-level module/package; a module may import only modules of lower or equal-shared rank below it
 RANK = {
-    "config": 0, "models": 1, "data": 2, "tasks": 3, "lora": 4, "router": 5, "fusion": 6, "pipeline": 7,
-    "evaluate": 8, "bench": 9, "demo": 10, "proxy": 10, "ui": 11, "server": 11, "cli": 12, "__main__": 13,
-    "__init__": -1,
+    "config": 0, "selection": 1, "models": 1, "data": 2, "tasks": 3, "run": 3, "lora": 4, "router": 5,
+    "fusion": 6, "pipeline": 7, "metrics": 8, "composite": 9, "evaluate": 10, "bench": 11, "demo": 12,
+    "serve": 13, "ui": 13, "cli": 14, "__main__": 15, "__init__": -1,
 }
+# Inference modules (what generate, the server and the playground run) and the training modules they must not
+# import, as dotted module names below dlp_lora. A trained artifact is read through run.py / router.inference.
+INFERENCE = ("run", "fusion", "pipeline", "selection", "router.inference", "router.select", "router.mlp",
+             "router.hf", "serve")
+TRAINING = ("lora", "router.train", "router.data")
 # cli is the front door: it dispatches to the ui and server front-ends, which never import each other.
 
 
 def _unit(path: Path) -> str:
     rel = path.relative_to(PKG)
     return rel.parts[0].removesuffix(".py")
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(PKG).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _dotted_imports(path: Path) -> set[str]:
+    """Every dlp_lora module a file imports, as a dotted name below dlp_lora (``from .x import y`` also counts
+    ``x.y``, which may be a submodule)."""
+    tree = ast.parse(path.read_text())
+    pkg_parts = list(path.relative_to(PKG).parts[:-1])
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if not (node.module or "").startswith("dlp_lora."):
+                    continue
+                mod = node.module.split(".")[1:]
+            else:
+                mod = pkg_parts[: len(pkg_parts) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            found.add(".".join(mod))
+            found.update(".".join(mod + [a.name]) for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("dlp_lora."))
+    return {f for f in found if f}
 
 
 def _imports(path: Path) -> set[str]:
@@ -68,7 +99,34 @@ def test_front_end_dependencies_stay_inside_their_module():
         src = path.read_text()
         assert "import gradio" not in src, path
     for path in PKG.rglob("*.py"):
-        if _unit(path) in ("server", "proxy"):
+        if _unit(path) in ("serve",):
             continue
         src = path.read_text()
         assert "import fastapi" not in src and "from fastapi" not in src, path
+
+
+def _in(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_inference_never_imports_training():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        mod = _module(path)
+        if not _in(mod, INFERENCE):
+            continue
+        bad += [f"{mod} imports {imp}" for imp in _dotted_imports(path) if _in(imp, TRAINING)]
+    assert not bad, bad
+
+
+def test_selection_choices_live_in_one_place():
+    """The selection options' choices are spelled out only in selection.py; everything else imports them."""
+    spelled = []
+    for path in PKG.rglob("*.py"):
+        if _module(path) == "selection":
+            continue
+        src = path.read_text()
+        for needle in ('("paper", "renorm")', "('paper', 'renorm')", '("prompt", "sentence")', '"paper|renorm"'):
+            if needle in src:
+                spelled.append(f"{path.relative_to(PKG)}: {needle}")
+    assert not spelled, spelled
