@@ -36,15 +36,12 @@ class DemoConfig:
     rank: int = 8                           # LoRA rank (paper: 8)
     router_epochs: int = 20                 # mini-MLP epochs (early stopping on validation)
     max_new_tokens: int = 24                # generation length during evaluation
-    top_p: float = 0.8                      # router top-p
-    weighting: str = "paper"                # fusion weighting (paper Eq. 5 softmax, or renorm)
     seed: int = 0                           # seed for data, LoRA and router
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_test", "max_steps", "batch_size", "rank", "router_epochs", "max_new_tokens"):
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
 
     def task_list(self) -> list[str] | None:
         return [t.strip() for t in self.tasks.split(",") if t.strip()] or None
@@ -181,7 +178,7 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
             shutil.rmtree(eval_dir)
         _say(f"[eval] base / single / dlp / uniform on {cfg.n_test} held-out questions per task")
         summary = evaluate(out, data_dir=data_dir / "test", out_dir=eval_dir, model_spec=str(model_path),
-                           systems=("base", "single", "dlp", "uniform"), top_p=cfg.top_p, weighting=cfg.weighting,
+                           systems=("base", "single", "dlp", "uniform"),
                            max_new_tokens=cfg.max_new_tokens)
     timings["eval"] = time.time() - t
 
@@ -190,12 +187,24 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
         _say("")
         _say(md.read_text())
 
-    from .pipeline import DLPPipeline
+    live = _live_routing(out, live_prompts or DEMO_PROMPTS, cfg.max_new_tokens)
+    timings["total"] = time.time() - t_start
+    atomic_write_json(out / "demo_summary.json", {"timings_s": timings, "live": live,
+                                                  "eval": str(eval_dir), "config": dataclasses.asdict(cfg)})
+    _say(f"\nArtifacts: {out}/ (adapters.txt, adapters/, router_data/, router/, eval/ with plots/)")
+    _say(f"Total time: {timings['total']:.0f}s")
+    _say(f"Web app:  dlp-lora ui --run {out}")
+    _say(f"Server:   dlp-lora serve --run {out}")
+    return {"summary": summary, "live": live, "timings": timings, "out": str(out)}
 
-    pipe = DLPPipeline.from_pretrained(str(model_path), out, router=out / "router")
-    prompts = live_prompts or DEMO_PROMPTS
-    results = pipe.generate(prompts, top_p=cfg.top_p, weighting=cfg.weighting, granularity="sentence",
-                            max_new_tokens=cfg.max_new_tokens)
+
+def _live_routing(run: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Generate for a few prompts with per-sentence routing (the paper's granularity) and show each decision."""
+    from .pipeline import DLPPipeline
+    from .selection import SelectionConfig
+
+    pipe = DLPPipeline.from_run(run)
+    results = pipe.generate(prompts, SelectionConfig(granularity="sentence"), max_new_tokens=max_new_tokens)
     live = []
     _say("Live routing (granularity=sentence):")
     for prompt, res in zip(prompts, results):
@@ -204,11 +213,4 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False, force: bool = Fa
             mix = ", ".join(f"{n}={w:.2f}" for n, w in zip(r["selected"], r["weights"]))
             _say(f"   [{r['sentence'][:60]!r}] -> {mix or 'base model'}")
         live.append({"prompt": prompt, "text": res.text, "routing": res.routing})
-    timings["total"] = time.time() - t_start
-    atomic_write_json(out / "demo_summary.json", {"timings_s": timings, "live": live,
-                                                  "eval": str(eval_dir), "config": dataclasses.asdict(cfg)})
-    _say(f"\nArtifacts: {out}/ (adapters.txt, adapters/, router_data/, router/, eval/ with plots/)")
-    _say(f"Total time: {timings['total']:.0f}s")
-    _say(f"Web app:  dlp-lora ui --run {out} --model {cfg.model}")
-    _say(f"Server:   dlp-lora serve --run {out} --model {cfg.model}")
-    return {"summary": summary, "live": live, "timings": timings, "out": str(out)}
+    return live

@@ -130,3 +130,10 @@ def test_selection_choices_live_in_one_place():
             if needle in src:
                 spelled.append(f"{path.relative_to(PKG)}: {needle}")
     assert not spelled, spelled
+
+
+def test_public_api_imports():
+    from dlp_lora import DLPPipeline, Router, SelectionConfig, fuse_adapters, open_run, select_top_p, train_adapter
+
+    assert all(callable(x) for x in (DLPPipeline, Router, SelectionConfig, fuse_adapters, open_run, select_top_p,
+                                     train_adapter))
