@@ -585,11 +585,12 @@ class _Ctx:
         self._random: list[Path] = []
         self._systems: dict[str, Any] = {}
         self.run_dirs: list[Path] | None = None
+        self.run = None
         if cfg.run:
-            from .lora import read_adapter_list
+            from .run import open_run
 
-            self.run_dirs = [Path(d) for d in read_adapter_list(cfg.run)]
-            check(len(self.run_dirs) >= 1, f"{cfg.run}: no adapters listed")
+            self.run = open_run(cfg.run)
+            self.run_dirs = list(self.run.adapter_dirs)
             self.notes.append(f"adapters: the {len(self.run_dirs)} trained adapters of {cfg.run} "
                               "(P3 scaling uses random adapters)")
 
@@ -886,8 +887,8 @@ def row_p4(ctx: _Ctx) -> dict:
 
     cfg, sh = ctx.cfg, ctx.shapes
     notes = []
-    rdir = Path(cfg.run) / "router" if cfg.run else None
-    if rdir is not None and (rdir / "router.safetensors").is_file():
+    rdir = ctx.run.router_dir if ctx.run is not None else None
+    if rdir is not None:
         notes.append(f"router: {rdir}")
     else:
         rdir = _make_router(ctx, len(ctx.run_dirs) if ctx.run_dirs else cfg.n_adapters)
@@ -1142,6 +1143,25 @@ def _mib(b: float) -> str:
 
 def render_markdown(results: dict) -> str:
     """The Markdown section of one benchmark run (also stored as ``results.md``)."""
+    L = _md_header(results)
+    L.append("| id | measure | figure (median, min–max) | target | met |")
+    L.append("|---|---|---|---|---|")
+    L += [_md_summary_row(row, results["rows"][row]) for row in results["rows_run"]]
+    L.append("")
+    for row in results["rows_run"]:
+        r = results["rows"][row]
+        if "error" in r:
+            continue
+        L += [f"### {row}: {TITLES[row]}", ""]
+        L += [f"- {n}" for n in r.get("notes", [])] + ([""] if r.get("notes") else [])
+        for case in r["cases"]:
+            L += _md_case(row, case)
+        L += _md_profile(row, results.get("profiles", {}).get(row))
+    return "\n".join(L).rstrip() + "\n"
+
+
+def _md_header(results: dict) -> list[str]:
+    """Who wrote the section, on what machine, model, adapters and prompt shapes."""
     m, s = results["machine"], results["settings"]
     L = [f"## {results['name']}: {results['model']['spec']} on {results['device']} ({results['dtype']})", ""]
     L.append(f"Written by `{results['command']}` on {results['created']} "
@@ -1159,90 +1179,67 @@ def render_markdown(results: dict) -> str:
     L.append(f"- adapters: {s['adapters']}")
     L.append(f"- prompts: random token ids, {s['prompt_len']} tokens/row; generated {s['new_tokens']} tokens/row "
              f"(P5: {s['merge_new_tokens']}), same greedy KV-cached loop for every system, no EOS stop")
-    for n in results["notes"]:
-        L.append(f"- note: {n}")
-    L.append("")
-    L.append("| id | measure | figure (median, min–max) | target | met |")
-    L.append("|---|---|---|---|---|")
-    for row in results["rows_run"]:
-        r = results["rows"][row]
-        t = TARGETS[row]
-        if "error" in r:
-            L.append(f"| {row} | {TITLES[row]} | error: {r['error']} | {t['figure']} | — |")
-            continue
-        if row == "P4":
-            f = r["figure"]
-            fig = f"latency {_fmt(f['latency_ms'], 1, 3)} ms; throughput {_fmt(f['sentences_per_s'], 1, 0)} sent/s"
-            tgt = "< 0.5 ms; ≥ 20000 sent/s"
-        elif row == "P6":
-            c = r["cases"][0]["figures"]
-            fig = (f"peak {r['figure']['peak_ratio']:.3f}× ({_mib(c['ours_peak_bytes'])} vs {_mib(c['base_peak_bytes'])}"
-                   f" + {_mib(c['adapter_bytes'])}); tensors {r['figure']['tensor_ratio']:.3f}×")
-            tgt = "≤ 1.10×"
-        else:
-            fig = "; ".join(f"{name}: {v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f})"
-                            for name, v in r["figure"].items())
-            tgt = f"{t['op'].replace('<=', '≤').replace('>=', '≥')} {t['value']:.2f}× ({t['figure']})"
-        L.append(f"| {row} | {TITLES[row]} | {fig} | {tgt} | {'yes' if r.get('met') else '**no**'} |")
-    L.append("")
-    for row in results["rows_run"]:
-        r = results["rows"][row]
-        if "error" in r:
-            continue
-        L.append(f"### {row}: {TITLES[row]}")
-        L.append("")
-        for n in r.get("notes", []):
-            L.append(f"- {n}")
-        if r.get("notes"):
-            L.append("")
-        for case in r["cases"]:
-            sh = ", ".join(f"{k} {v}" for k, v in case["shapes"].items())
-            L.append(f"**{case['name']}** — {sh}")
-            L.append("")
-            if row == "P4":
-                L.append("| system | figure |")
-                L.append("|---|---|")
-                for name, parts in case["systems"].items():
-                    for part, v in parts.items():
-                        if part == "total":
-                            continue
-                        d = 3 if part.endswith("ms") else 0
-                        L.append(f"| {name} | {part}: {_fmt(v, 1, d)} |")
-            elif row == "P6":
-                f = case["figures"]
-                L.append("| measure | base | ours | base + adapters | ratio |")
-                L.append("|---|---|---|---|---|")
-                L.append(f"| peak ({f['peak_kind']}) | {_mib(f['base_peak_bytes'])} | {_mib(f['ours_peak_bytes'])} | "
-                         f"{_mib(f['base_peak_bytes'] + f['adapter_bytes'])} | {f['peak_ratio']:.3f}× |")
-                L.append(f"| tensor bytes | {_mib(f['base_tensor_bytes'])} | {_mib(f['ours_tensor_bytes'])} | "
-                         f"{_mib(f['base_tensor_bytes'] + f['adapter_bytes'])} | {f['tensor_ratio']:.3f}× |")
-            else:
-                L.append("| system | setup ms | prefill ms | decode ms | total ms |")
-                L.append("|---|---|---|---|---|")
-                for name, parts in case["systems"].items():
-                    cells = [_fmt(parts[p], 1000.0) if p in parts else "—" for p in ("setup", "prefill", "decode", "total")]
-                    L.append(f"| {name} | " + " | ".join(cells) + " |")
-                L.append("")
-                L.append("| ratio | median (min–max) |")
-                L.append("|---|---|")
-                for label, v in case["ratios"].items():
-                    mark = " ← target" if label == case.get("target_ratio") else ""
-                    L.append(f"| {label}{mark} | {v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f}) |")
-            L.append("")
-        prof = results.get("profiles", {}).get(row)
-        if prof:
-            L.append(f"<details><summary>torch.profiler, {row} (target missed): top ops by self time, one call each</summary>")
-            L.append("")
-            for name, table in prof.items():
-                L.append(f"`{name}`")
-                L.append("")
-                L.append("```")
-                L.append(table.rstrip())
-                L.append("```")
-                L.append("")
-            L.append("</details>")
-            L.append("")
-    return "\n".join(L).rstrip() + "\n"
+    L += [f"- note: {n}" for n in results["notes"]]
+    return L + [""]
+
+
+def _md_summary_row(row: str, r: dict) -> str:
+    """One line of the summary table: the row's headline figure against its target."""
+    t = TARGETS[row]
+    if "error" in r:
+        return f"| {row} | {TITLES[row]} | error: {r['error']} | {t['figure']} | — |"
+    if row == "P4":
+        f = r["figure"]
+        fig = f"latency {_fmt(f['latency_ms'], 1, 3)} ms; throughput {_fmt(f['sentences_per_s'], 1, 0)} sent/s"
+        tgt = "< 0.5 ms; ≥ 20000 sent/s"
+    elif row == "P6":
+        c = r["cases"][0]["figures"]
+        fig = (f"peak {r['figure']['peak_ratio']:.3f}× ({_mib(c['ours_peak_bytes'])} vs {_mib(c['base_peak_bytes'])}"
+               f" + {_mib(c['adapter_bytes'])}); tensors {r['figure']['tensor_ratio']:.3f}×")
+        tgt = "≤ 1.10×"
+    else:
+        fig = "; ".join(f"{name}: {v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f})"
+                        for name, v in r["figure"].items())
+        tgt = f"{t['op'].replace('<=', '≤').replace('>=', '≥')} {t['value']:.2f}× ({t['figure']})"
+    return f"| {row} | {TITLES[row]} | {fig} | {tgt} | {'yes' if r.get('met') else '**no**'} |"
+
+
+def _md_case(row: str, case: dict) -> list[str]:
+    """The detail tables of one case of a row: per-system parts (P4), memory (P6) or times and ratios."""
+    sh = ", ".join(f"{k} {v}" for k, v in case["shapes"].items())
+    L = [f"**{case['name']}** — {sh}", ""]
+    if row == "P4":
+        L += ["| system | figure |", "|---|---|"]
+        for name, parts in case["systems"].items():
+            L += [f"| {name} | {part}: {_fmt(v, 1, 3 if part.endswith('ms') else 0)} |"
+                  for part, v in parts.items() if part != "total"]
+    elif row == "P6":
+        f = case["figures"]
+        L += ["| measure | base | ours | base + adapters | ratio |", "|---|---|---|---|---|"]
+        L.append(f"| peak ({f['peak_kind']}) | {_mib(f['base_peak_bytes'])} | {_mib(f['ours_peak_bytes'])} | "
+                 f"{_mib(f['base_peak_bytes'] + f['adapter_bytes'])} | {f['peak_ratio']:.3f}× |")
+        L.append(f"| tensor bytes | {_mib(f['base_tensor_bytes'])} | {_mib(f['ours_tensor_bytes'])} | "
+                 f"{_mib(f['base_tensor_bytes'] + f['adapter_bytes'])} | {f['tensor_ratio']:.3f}× |")
+    else:
+        L += ["| system | setup ms | prefill ms | decode ms | total ms |", "|---|---|---|---|---|"]
+        for name, parts in case["systems"].items():
+            cells = [_fmt(parts[p], 1000.0) if p in parts else "—" for p in ("setup", "prefill", "decode", "total")]
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L += ["", "| ratio | median (min–max) |", "|---|---|"]
+        for label, v in case["ratios"].items():
+            mark = " ← target" if label == case.get("target_ratio") else ""
+            L.append(f"| {label}{mark} | {v['median']:.3f}× ({v['min']:.3f}–{v['max']:.3f}) |")
+    return L + [""]
+
+
+def _md_profile(row: str, prof: dict | None) -> list[str]:
+    """torch.profiler tables of a row whose target was missed, folded away."""
+    if not prof:
+        return []
+    L = [f"<details><summary>torch.profiler, {row} (target missed): top ops by self time, one call each</summary>", ""]
+    for name, table in prof.items():
+        L += [f"`{name}`", "", "```", table.rstrip(), "```", ""]
+    return L + ["</details>", ""]
 
 
 BENCH_HEADER = """# Benchmarks
