@@ -11,7 +11,10 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +28,47 @@ def check(cond: bool, msg: str) -> None:
     """Raise :class:`DLPError` with ``msg`` unless ``cond`` holds."""
     if not cond:
         raise DLPError(msg)
+
+
+def format_error(e: BaseException) -> str:
+    """The one line a user sees for ``e``, wherever it surfaces (CLI ``error: ...``, web page, server log).
+
+    A :class:`DLPError` is its own first line; an OS error on a named file (too long a name, no permission,
+    a full disk) names the file and the reason; anything else is an internal error named by its class.
+    """
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, DLPError):
+        return first or "failed"
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {_os_reason(e)}"
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to process ({first})"
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return f"internal error: {e.__class__.__name__}: {first} (set DLP_LORA_DEBUG=1 for details)"
+
+
+# Value ranges shared by the CLI, the library and the server (one place each).
+SEED_MAX = 2**32 - 1            # numpy (Trainer's set_seed) refuses larger seeds; torch and random take these too
+MAX_NEW_TOKENS = 100_000        # generated tokens per prompt at most (far beyond any context we load)
+INT_MAX = 2**63 - 1             # any other integer option: what torch/numpy index types hold
+
+
+def check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``, else a one-line :class:`DLPError` naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DLPError(f"{name}: must be a whole number, got {_short(value)}")
+    if not lo <= value <= hi:
+        raise DLPError(f"{name}: must be in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    """repr of a user value, cut so a 5000-digit number still gives one short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:  # str() fails past 4300 digits
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,13 +105,53 @@ def _os_reason(e: OSError) -> str:
 
 
 def check_output_path(path: str | os.PathLike) -> None:
-    """Refuse an output path below an existing file (e.g. ``out.json/x``) with a one-line error."""
+    """Refuse, in one line, an output path that cannot be written: the file-system root, a name longer than
+    the file system allows, or a path below an existing file (e.g. ``out.json/x``)."""
     path = Path(path).absolute()
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DLPError(f"{path}: cannot create it: {parent} is a file, not a folder")
-            return
+    if path == Path(path.anchor):
+        raise DLPError(f"{path}: is the file-system root; choose a folder below it")
+    try:
+        path.exists()  # stat() names a too-long file name before anything else is tried
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DLPError(f"{path}: cannot create it: {parent} is a file, not a folder")
+                return
+    except OSError as e:  # ENAMETOOLONG and friends: stat() itself fails
+        raise DLPError(f"{path}: cannot write ({_os_reason(e)})") from None
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Any = ()) -> Path:
+    """Refuse an output that would lose data, before anything is written: one that exists unless
+    ``overwrite`` (the user's ``--overwrite``), and one that is, or holds, one of ``inputs`` (never, even
+    with ``overwrite``); plus :func:`check_output_path`'s rules. Returns ``path``."""
+    path = Path(path)
+    check_output_path(path)
+    target = path.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if src == target or target in src.parents:
+            raise DLPError(f"{path}: would overwrite an input of this command ({src}); write the output elsewhere")
+    try:
+        exists = path.exists() or path.is_symlink()
+    except OSError as e:
+        raise DLPError(f"{path}: cannot write ({_os_reason(e)})") from None
+    if exists and not overwrite:
+        raise DLPError(f"{path}: already exists (pass --overwrite to replace it)")
+    return path
+
+
+def _check_replaceable(folder: Path) -> None:
+    """A folder replaced whole must not be a top-level system folder, the home folder or one holding the
+    working directory: ``--overwrite`` replaces an artifact, never the user's environment."""
+    target = folder.resolve()
+    protected = {Path.home().resolve()}
+    with contextlib.suppress(OSError):  # a deleted working directory protects nothing
+        cwd = Path.cwd().resolve()
+        protected |= {cwd, *cwd.parents}
+    if target.parent == Path(target.anchor) or target in protected:
+        raise DLPError(f"{folder}: refusing to replace this folder (a top-level, home or working folder); "
+                       f"choose a new folder for the output")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -83,9 +167,9 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     here, so ``final`` either holds a complete artifact or does not exist.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise DLPError(f"{final}: already exists (pass --overwrite to replace it)")
-    check_output_path(final)
+    check_output(final, overwrite=overwrite)
+    if final.exists():
+        _check_replaceable(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -107,23 +191,137 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """UTF-8 text of a user file; a missing or unreadable file is a one-line :class:`DLPError` naming it."""
+# Input files: the one reader every stage uses, so each rule below holds everywhere at once.
+
+MAX_FILE_BYTES = 256 * 1024 * 1024      # largest user file read (task data, router data, configs); env overrides
+MAX_FILE_BYTES_ENV = "DLP_LORA_MAX_FILE_BYTES"
+
+
+def max_file_bytes() -> int:
+    """The size limit for input files: ``$DLP_LORA_MAX_FILE_BYTES`` when set, else :data:`MAX_FILE_BYTES`."""
+    raw = os.environ.get(MAX_FILE_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_FILE_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise DLPError(f"{MAX_FILE_BYTES_ENV}: must be a whole number of bytes >= 1, got {raw[:40]!r}")
+    return int(raw)
+
+
+def read_bytes_file(path: str | os.PathLike) -> bytes:
+    """Bytes of a user file. Only regular files are read (a FIFO would block forever, ``/dev/zero`` never ends)
+    and only up to :func:`max_file_bytes`; every refusal is a one-line :class:`DLPError` naming the file."""
     path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # O_NONBLOCK: opening a FIFO without a writer returns at once instead of hanging
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise DLPError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    except OSError as e:
+        raise DLPError(f"{path}: cannot read ({_os_reason(e)})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise DLPError(f"{path}: is a folder, expected a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise DLPError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); only regular files are read")
+        limit = max_file_bytes()
+        if st.st_size > limit:
+            raise DLPError(f"{path}: file is {st.st_size} bytes, over the {limit}-byte limit for input files "
+                           f"(set {MAX_FILE_BYTES_ENV} to raise it)")
+        data = _read_fd(fd, limit + 1, path)  # + 1: a file that grows while read is still caught
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise DLPError(f"{path}: file is over the {limit}-byte limit for input files (set {MAX_FILE_BYTES_ENV} to raise it)")
+    return data
+
+
+def _read_fd(fd: int, most: int, path: Path) -> bytes:
+    chunks, left = [], most
+    try:
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise DLPError(f"{path}: cannot read ({_os_reason(e)})") from None
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """UTF-8 text of a user file (a leading BOM dropped), with :func:`read_bytes_file`'s rules; not UTF-8 is a
+    one-line :class:`DLPError` naming the file and the byte offset."""
+    raw = read_bytes_file(path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DLPError(f"{path}: cannot read: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def parse_json(text: str, where: str, object_pairs_hook=None) -> Any:
+    """Parse JSON text from ``where`` (a file, a line of one). Every way it can fail is a named one-line
+    :class:`DLPError`: bad syntax, nesting too deep for the parser, integers with more digits than Python
+    converts, and strings holding an unpaired surrogate (``"\\ud800"``), which no later stage can encode."""
+    try:
+        value = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        raise DLPError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DLPError(f"{where}: not readable JSON (nested too deeply for the parser)") from None
+    except ValueError as e:  # int(...) refuses more than sys.get_int_max_str_digits() digits
+        if "digits" not in str(e):
+            raise
+        raise DLPError(f"{where}: not readable JSON (an integer with more than {sys.get_int_max_str_digits()} "
+                       f"digits)") from None
+    if _SURROGATE_ESCAPE.search(text):  # only then can a decoded string hold a lone surrogate
+        bad = _lone_surrogate_at(value, top=True)
+        if bad is not None:
+            raise DLPError(f"{where}: {bad or 'value'}: unpaired surrogate (a \\ud800-\\udfff escape without its pair), not valid Unicode text")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate_at(value: Any, top: bool = False) -> str | None:
+    """Where in ``value`` a string (or key) holds an unpaired surrogate ("record 3: field 'Q'"), or None."""
+    if isinstance(value, str):
+        return None if _encodable(value) else ""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not _encodable(k):
+                return f"field {k.encode('utf-8', 'backslashreplace').decode()!r}"
+            inner = _lone_surrogate_at(v)
+            if inner is not None:
+                return f"field {k!r}" + (f": {inner}" if inner else "")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            inner = _lone_surrogate_at(v)
+            if inner is not None:
+                return f"{'record' if top else 'item'} {i}" + (f": {inner}" if inner else "")
+    return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_json_file(path: str | os.PathLike) -> Any:
-    """Parsed JSON of a user file, with :func:`read_text_file`'s one-line errors (bad JSON included)."""
-    try:
-        return json.loads(read_text_file(path))
-    except json.JSONDecodeError as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    """Parsed JSON of a user file, with :func:`read_text_file`'s and :func:`parse_json`'s one-line errors."""
+    return parse_json(read_text_file(path), str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,14 +356,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 def load_config(cls: type, path: str | os.PathLike) -> Any:
     """Load and validate a config saved by :func:`save_config`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DLPError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DLPError(f"{path}: cannot read config ({e.__class__.__name__}: {e})") from None
-    return config_from_dict(cls, data, str(path))
+    return config_from_dict(cls, read_json_file(path), str(path))
 
 
 def _positive(name: str, value: float) -> None:

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DLPError, atomic_write_json
+from .config import DLPError, atomic_write_json, check_output, check_output_path, parse_json, read_text_file
 
 METRICS = ("accuracy", "exact", "contains", "bleu_rouge", "gsm8k_number")
 KEY_STYLES = (("Q", "A"), ("input", "output"))
@@ -89,26 +89,13 @@ class _DuplicateKey(Exception):
 
 def _loads(text: str, where: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return parse_json(text, where, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise DLPError(f"{where}: field {e.key!r}: duplicate key") from None
-    except json.JSONDecodeError as e:
-        raise DLPError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DLPError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DLPError(f"{path}: is a folder, expected a .json or .jsonl file") from None
-    except OSError as e:
-        raise DLPError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DLPError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    text = read_text_file(path)
     if not text.strip():
         raise DLPError(f"{path}: file is empty")
     return text
@@ -141,8 +128,14 @@ def _parse_record(obj: Any, where: str, task: str) -> QARecord:
     return QARecord(values[0], values[1], rec_task, choices)
 
 
+def meta_path(path: str | os.PathLike) -> Path:
+    """The metadata sidecar of a task file: ``<stem>.meta.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name.rsplit(".", 1)[0] + ".meta.json")
+
+
 def _load_meta(path: Path) -> dict:
-    side = path.with_name(path.name.rsplit(".", 1)[0] + ".meta.json")
+    side = meta_path(path)
     if not side.is_file():
         return {}
     meta = _loads(_read_text(side), str(side))
@@ -211,14 +204,25 @@ def read_task_dir(folder: str | os.PathLike) -> list[TaskData]:
     return tasks
 
 
-def write_task(path: str | os.PathLike, task: TaskData) -> Path:
-    """Write a task as the seed's DictList JSON plus a ``<stem>.meta.json`` sidecar (both atomically)."""
+def check_task_outputs(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> None:
+    """Refuse writing a task file at ``path`` before anything is written: an existing file or sidecar
+    (unless ``overwrite``), one of ``inputs``, or a file directly in the file-system root."""
     path = Path(path)
+    check_output_path(path.parent)
+    for out in (path, meta_path(path)):
+        check_output(out, overwrite=overwrite, inputs=inputs)
+
+
+def write_task(path: str | os.PathLike, task: TaskData, overwrite: bool = False, inputs=()) -> Path:
+    """Write a task as the seed's DictList JSON plus a ``<stem>.meta.json`` sidecar (both atomically), after
+    :func:`check_task_outputs`: an existing file is only replaced with ``overwrite``, an input never."""
+    path = Path(path)
+    check_task_outputs(path, overwrite=overwrite, inputs=inputs)
     atomic_write_json(path, [r.to_json() for r in task.records])
     meta: dict[str, Any] = {"task": task.name, "metric": task.metric}
     if task.choices:
         meta["choices"] = task.choices
-    atomic_write_json(path.with_name(path.name.rsplit(".", 1)[0] + ".meta.json"), meta)
+    atomic_write_json(meta_path(path), meta)
     return path
 
 
@@ -247,22 +251,69 @@ def format_prompt(tokenizer, question: str) -> str:
     return PLAIN_TEMPLATE.format(q=question)
 
 
-# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before whitespace, or at a newline.
-# Cheap and deterministic on purpose (DESIGN §4): the router re-runs at each boundary during generation.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n+")
+# The one sentence rule (DESIGN §4): a sentence ends at . ! ? (optionally followed by closing quotes/brackets)
+# before whitespace, or at a newline. Prompt splitting and the detection of a completed sentence in generated text
+# both use it. Cheap and deterministic on purpose: the router re-runs at each boundary during generation.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+|\n+")
+# A numbered item line: "1." .. "999." at a line start (markdown "*", "#", ">" and spaces before it allowed; "1.5"
+# is a number, not a label). Segment granularity reads it in prompts (the items) and in generated text (which
+# answer the model is writing). It matches "2." at the end of streamed text, so the switch is never a token late.
+NUMBERED_ITEM = re.compile(r"^[ \t*#>]*(\d{1,3})\.(?!\d)", re.M)
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``, whitespace trimmed, blank pieces dropped."""
+    spans, pos = [], 0
+    for m in list(_SENTENCE_END.finditer(text)) + [None]:
+        end = m.end() if m is not None else len(text)
+        piece = text[pos:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((pos + lead, pos + len(piece.rstrip())))
+        pos = end
+    return spans
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split text into sentences with a regex; empty pieces are dropped; never returns an empty list for
-    non-blank text."""
-    parts = [p.strip() for p in _SENTENCE_END.split(text)]
-    parts = [p for p in parts if p]
-    return parts or ([text.strip()] if text.strip() else [])
+    """Split text into sentences with the sentence rule; blank pieces are dropped, so blank text gives ``[]``."""
+    return [text[a:b] for a, b in sentence_spans(text)]
+
+
+def last_sentence_end(text: str, start: int = 0) -> int:
+    """End offset (after the whitespace) of the last sentence boundary at or after ``start``; -1 when none."""
+    end = -1
+    for m in _SENTENCE_END.finditer(text, start):
+        end = m.end()
+    return end
 
 
 def ends_sentence(text: str) -> bool:
     """True when ``text`` (decoded output so far) ends a sentence: end punctuation + whitespace, or newline."""
-    return bool(re.search(r"[.!?][\"')\]]*\s$|\n$", text))
+    return bool(text) and last_sentence_end(text) == len(text)
+
+
+def numbered_items(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of items ``1.`` .. ``N.`` of ``text``: the last run of item lines numbered 1, 2, ... in
+    order (an example list in an instruction before the questions is skipped). Item i runs from its label to the
+    next item's label (continuation lines included), the last one to the end. ``[]`` when there is no item 1."""
+    marks = [(int(m.group(1)), m.start()) for m in NUMBERED_ITEM.finditer(text)]
+    run: list[int] = []
+    for number, start in marks:
+        if number == 1:
+            run = [start]
+        elif run and number == len(run) + 1:
+            run.append(start)
+    ends = run[1:] + [len(text)]
+    return [(a, a + len(text[a:b].rstrip())) for a, b in zip(run, ends)]
+
+
+def last_item_number(text: str, start: int = 0) -> tuple[int, int]:
+    """``(number, end)`` of the last numbered item label in ``text`` whose line starts at or after ``start``
+    (``start`` must be a line start); ``(0, -1)`` when none."""
+    found = (0, -1)
+    for m in NUMBERED_ITEM.finditer(text, start):
+        found = (int(m.group(1)), m.end())
+    return found
 
 
 def summarize(tasks: Iterable[TaskData]) -> list[dict]:

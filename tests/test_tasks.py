@@ -232,7 +232,7 @@ def test_cli_builtin(cli, tmp_path):
 
 def test_cli_builtin_errors(cli, tmp_path):
     assert_one_line_error(cli("data", "builtin", "--out", tmp_path, "--tasks", "bogus"), "bogus", "word_sorting")
-    assert_one_line_error(cli("data", "builtin", "--out", tmp_path, "--n", "0"), "n (records per task)")
+    assert_one_line_error(cli("data", "builtin", "--out", tmp_path, "--n", "0"), "--n", "[1, 1000000]", code=2)
     assert not list(tmp_path.iterdir())
 
 

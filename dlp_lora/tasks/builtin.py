@@ -23,8 +23,8 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from ..config import DLPError
-from ..data import QARecord, TaskData, write_task
+from ..config import DLPError, check_output_path
+from ..data import QARecord, TaskData, check_task_outputs, write_task
 
 # A sample function draws one record: (uniqueness key, question, answer, choices or None).
 Sample = tuple[str, str, str, "list[str] | None"]
@@ -293,10 +293,19 @@ TASK_SPECS: dict[str, tuple[str, str, Callable[[random.Random], Sample]]] = {
 _MAX_REPEATS = 200
 
 
+MAX_TASK_RECORDS = 1_000_000   # records per built-in task at most: the whole task is held in memory
+
+
 def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise DLPError(f"n (records per task): must be a whole number >= 1, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TASK_RECORDS:
+        raise DLPError(f"n (records per task): must be a whole number in [1, {MAX_TASK_RECORDS}], got {n!r}")
     return n
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DLPError(f"seed: must be a whole number, got {seed!r}")
+    return seed
 
 
 def generate_task(name: str, n: int, seed: int = 0) -> TaskData:
@@ -305,8 +314,7 @@ def generate_task(name: str, n: int, seed: int = 0) -> TaskData:
     if name not in TASK_SPECS:
         raise DLPError(f"task {name!r}: unknown built-in task (choose from {', '.join(TASK_SPECS)})")
     n = _check_n(n)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DLPError(f"seed: must be a whole number, got {seed!r}")
+    _check_seed(seed)
     metric, _form, sample = TASK_SPECS[name]
     # A string seed is hashed with SHA-512 by random.seed (version 2): stable across runs and Python
     # processes (unlike hash()), and independent per task.
@@ -363,20 +371,24 @@ def parse_task_names(tasks: str | list[str] | tuple[str, ...] | None) -> list[st
 
 
 def write_builtin_tasks(out_dir: str | os.PathLike, n: int = 500, seed: int = 0,
-                        tasks: str | list[str] | None = None) -> list[Path]:
+                        tasks: str | list[str] | None = None, overwrite: bool = False) -> list[Path]:
     """Write ``<out_dir>/<task>.json`` (+ ``<task>.meta.json`` with the metric) for each built-in task.
 
-    Everything is generated in memory before the first file is written, so a bad argument writes nothing;
-    each file is written atomically.
+    Everything is generated and every output checked before the first file is written, so a bad argument or
+    an existing file (without ``overwrite``) writes nothing; each file is written atomically.
     """
     names = parse_task_names(tasks)
     n = _check_n(n)
+    _check_seed(seed)
     out = Path(out_dir)
+    check_output_path(out)
     if out.exists() and not out.is_dir():
         raise DLPError(f"{out}: exists and is not a folder")
-    generated = [generate_task(name, n, seed) for name in names]
-    paths = []
-    for t in generated:
-        t.path = str(out / f"{t.name}.json")
-        paths.append(write_task(t.path, t))
+    paths = [out / f"{name}.json" for name in names]
+    for path in paths:
+        check_task_outputs(path, overwrite=overwrite)
+    for name, path in zip(names, paths):
+        t = generate_task(name, n, seed)
+        t.path = str(path)
+        write_task(path, t, overwrite=overwrite)
     return paths

@@ -32,8 +32,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import DLPError
-from ..data import TASK_NAME_RE, QARecord, TaskData, _loads, _read_text, write_task
+from ..config import DLPError, check_output_path
+from ..data import TASK_NAME_RE, QARecord, TaskData, _loads, _read_text, check_task_outputs, write_task
 
 FORMATS = ("gsm8k", "strategyqa", "bbh", "bigbench")
 
@@ -289,21 +289,24 @@ def load_raw(fmt: str, input_path, task: str | None = None, limit: int | None = 
     return TaskData(name=name, records=records, metric=metric)
 
 
-def convert(fmt: str, input_path, output_path, task: str | None = None, limit: int | None = None) -> TaskData:
+def convert(fmt: str, input_path, output_path, task: str | None = None, limit: int | None = None,
+            overwrite: bool = False) -> TaskData:
     """Convert raw benchmark file(s) into a Q/A task file ``output_path`` (DictList JSON + ``.meta.json``
     sidecar with the metric), written atomically only after every record converted. ``output_path`` may be
-    a folder (an existing one, or a path ending in ``/``): the file is then ``<folder>/<task>.json``."""
-    data = load_raw(fmt, input_path, task=task, limit=limit)
+    a folder (an existing one, or a path ending in ``/``): the file is then ``<folder>/<task>.json``. An
+    existing output is replaced only with ``overwrite``; an input file never."""
     out = Path(output_path)
-    if out.is_dir() or str(output_path).endswith(("/", os.sep)):
-        out = out / f"{data.name}.json"
-    if out.suffix != ".json":
+    check_output_path(out)
+    as_folder = out.is_dir() or str(output_path).endswith(("/", os.sep))
+    if not as_folder and out.suffix != ".json":
         raise DLPError(f"{out}: output must be a .json file (the Q/A DictList) or an existing folder")
-    for p in _paths(input_path):
-        if p.exists() and out.exists() and os.path.samefile(p, out):
-            raise DLPError(f"{out}: output would overwrite the raw input file")
+    if not as_folder:  # refuse before the (possibly long) conversion
+        check_task_outputs(out, overwrite=overwrite, inputs=_paths(input_path))
+    data = load_raw(fmt, input_path, task=task, limit=limit)
+    if as_folder:
+        out = out / f"{data.name}.json"
     data.path = str(out)
-    write_task(out, data)
+    write_task(out, data, overwrite=overwrite, inputs=_paths(input_path))
     return data
 
 
@@ -336,19 +339,24 @@ def shared_suite_jobs(shared_data_dir: str | os.PathLike) -> list[tuple[str, lis
 
 
 def convert_shared_suite(shared_data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                         limit: int | None = None, progress: bool = True) -> list[Path]:
+                         limit: int | None = None, progress: bool = True, overwrite: bool = False) -> list[Path]:
     """Convert all real tasks of ``../shared/data`` (GSM8K, StrategyQA, 17 BIG-Bench-Hard, 2 BIG-bench) into
-    ``out_dir/<task>.json``. Every task converts in memory first, so bad input writes nothing."""
+    ``out_dir/<task>.json``. Every task converts in memory and every output is checked first, so bad input or
+    an existing file (without ``overwrite``) writes nothing."""
     from tqdm.auto import tqdm
 
     jobs = shared_suite_jobs(shared_data_dir)
     out = Path(out_dir)
+    check_output_path(out)
     if out.exists() and not out.is_dir():
         raise DLPError(f"{out}: exists and is not a folder")
+    inputs = [p for _, paths, _ in jobs for p in paths]
+    for _, _, name in jobs:
+        check_task_outputs(out / f"{name}.json", overwrite=overwrite, inputs=inputs)
     tasks = [load_raw(fmt, paths, task=name, limit=limit)
              for fmt, paths, name in tqdm(jobs, desc="convert", unit="task", disable=not progress)]
     written = []
     for t in tasks:
         t.path = str(out / f"{t.name}.json")
-        written.append(write_task(t.path, t))
+        written.append(write_task(t.path, t, overwrite=overwrite, inputs=inputs))
     return written
