@@ -1,4 +1,4 @@
-"""Metric functions of dlp_lora.evaluate against hand-computed examples (answer extraction edge cases included)."""
+"""Metric functions of dlp_lora.metrics against hand-computed examples (answer extraction edge cases included)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dlp_lora.config import DLPError
-from dlp_lora.evaluate import bleu, extract_choice, gsm8k_number, normalize, rouge, score, task_scores
+from dlp_lora.metrics import bleu, extract_choice, gsm8k_number, is_correct, normalize, rouge, score, task_scores
 
 LABELLED = ["(A) red", "(B) blue", "(C) green"]
 PLAIN = ["red", "blue", "green"]
@@ -153,3 +153,14 @@ def test_sentence_scores_and_task_scores():
     assert ts == {"score": 50.0}
     ts = task_scores("exact", ["Paris", "Rome"], ["paris.", "Berlin"])
     assert math.isclose(ts["score"], 50.0)
+
+
+def test_is_correct_right_or_wrong():
+    assert is_correct("accuracy", "The answer is (B).", "(B)", LABELLED)
+    assert not is_correct("accuracy", "(A)", "(B)", LABELLED)
+    assert is_correct("gsm8k_number", "#### 1,000", "1000")
+    assert is_correct("exact", "Paris.", "paris") and not is_correct("contains", "Lyon", "Paris")
+    # BLEU/ROUGE tasks have no notion of right: the normalised texts must be equal (BLEU 38 is not "correct")
+    assert is_correct("bleu_rouge", "The cat sat on the mat.", "the cat sat on the mat")
+    assert not is_correct("bleu_rouge", "the cat sat on the mat", "the cat is on the mat")
+    assert not is_correct("rougeL", "", "the cat")
