@@ -17,7 +17,8 @@ tensor for the whole model, held by a shared :class:`MixtureState`:
 
 Speed by design: ``set_weights`` computes, with a single host sync, which adapters are used anywhere in the batch
 (the "active set") and the largest number of adapters a single row uses. The forward pass then needs no sync,
-no Python loop over adapters or rows, and two matmuls per module whatever N is:
+no Python loop over adapters or rows, and two matmuls per module whatever N is. ``MixtureState.path`` is the
+one decision between the paths ("base" when no mixture is set or it is merged into W, else):
 
 * union path (a row uses every active adapter - e.g. all rows share one mixture): ``h = x @ A_sel.T`` over the
   active set, columns scaled by each row's weights, ``y = base(x) + h @ B_sel`` (``addmm``). ``A_sel/B_sel``
@@ -66,9 +67,6 @@ ROWS_DECODE_LIMIT = 5
 _KEY_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading PEFT adapters
-# ----------------------------------------------------------------------------------------------------------------
 
 def _pattern_key(keys: Sequence[str], name: str) -> str | None:
     """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
@@ -89,6 +87,22 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
         raise DLPError(f"{cfg_path}: field 'use_dora': DoRA adapters cannot be fused (plain LoRA only)")
     if cfg.get("modules_to_save"):
         raise DLPError(f"{cfg_path}: field 'modules_to_save': adapters with fully trained modules cannot be fused")
+    parts = _read_lora_tensors(wpath)
+    lcfg = _lora_config(cfg, cfg_path)
+    modules = {}
+    for mod, ab in sorted(parts.items()):
+        if "A" not in ab or "B" not in ab:
+            raise DLPError(f"{wpath}: module {mod}: lora_{'B' if 'A' in ab else 'A'} weight missing")
+        A, B = ab["A"].float(), ab["B"].float()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise DLPError(f"{wpath}: module {mod}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit")
+        modules[mod] = (A, B, _module_scale(lcfg, mod, A.shape[0], cfg_path))
+    return {"path": path, "name": read_task_name(path), "config": cfg, "modules": modules}
+
+
+def _read_lora_tensors(wpath: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"A": tensor, "B": tensor}}`` from a PEFT safetensors file; refuses non-LoRA tensors and
+    tensors holding NaN or infinity."""
     from safetensors.torch import load_file
 
     try:
@@ -100,13 +114,21 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
         m = _KEY_RE.match(key)
         if m is None or "lora_embedding" in key:
             raise DLPError(f"{wpath}: tensor {key!r}: not a LoRA weight of a linear layer (cannot be fused)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # one NaN would silently turn the output of every row that mixes this adapter into NaN
+            raise DLPError(f"{wpath}: tensor {key!r}: contains NaN or infinite values")
         mod = m.group("mod")
         mod = mod[len(PEFT_PREFIX):] if mod.startswith(PEFT_PREFIX) else mod
         parts.setdefault(mod, {})[m.group("ab")] = t
     if not parts:
         raise DLPError(f"{wpath}: no LoRA tensors")
-    # The config must describe the tensors: a config that lies about rank/alpha/targets would give PEFT (and any
-    # LoRA server) another adapter than the one we fuse, so it is refused rather than silently trusted.
+    return parts
+
+
+def _lora_config(cfg: dict, cfg_path: Path) -> dict:
+    """The config fields that decide each module's rank and scale, checked. The config must describe the
+    tensors: a config that lies about rank/alpha/targets would give PEFT (and any LoRA server) another adapter
+    than the one we fuse, so it is refused rather than silently trusted."""
     _num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     alpha_pattern = cfg.get("alpha_pattern") or {}
     rank_pattern = cfg.get("rank_pattern") or {}
@@ -123,35 +145,27 @@ def read_adapter(adapter_dir: str | os.PathLike) -> dict:
         targets = None if targets == "all-linear" else targets   # a regex (PEFT's string form)
     elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise DLPError(f"{cfg_path}: field 'target_modules': expected a list of module names or a string")
-    alpha0 = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    modules = {}
-    for mod, ab in sorted(parts.items()):
-        if "A" not in ab or "B" not in ab:
-            raise DLPError(f"{wpath}: module {mod}: lora_{'B' if 'A' in ab else 'A'} weight missing")
-        A, B = ab["A"].float(), ab["B"].float()
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise DLPError(f"{wpath}: module {mod}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit")
-        r = A.shape[0]
-        rkey = _pattern_key(list(rank_pattern), mod)
-        r_want = int(rank_pattern[rkey]) if rkey is not None else r_cfg
-        if r != r_want:
-            field = f"rank_pattern[{rkey!r}]" if rkey is not None else "r"
-            raise DLPError(f"{cfg_path}: field {field!r}: says rank {r_want}, but module {mod} has rank {r} in "
-                           f"{WEIGHTS_FILE}")
-        if isinstance(targets, list) and targets and not any(mod == t or mod.endswith("." + t) for t in targets):
-            raise DLPError(f"{cfg_path}: field 'target_modules': {targets} does not include module {mod} of "
-                           f"{WEIGHTS_FILE}")
-        key = _pattern_key(list(alpha_pattern), mod)
-        alpha = float(alpha_pattern[key]) if key is not None else alpha0
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[mod] = (A, B, scale)
-    return {"path": path, "name": read_task_name(path), "config": cfg, "modules": modules}
+    return {"r": r_cfg, "alpha": float(cfg.get("lora_alpha", 8)), "rslora": bool(cfg.get("use_rslora", False)),
+            "targets": targets, "alpha_pattern": alpha_pattern, "rank_pattern": rank_pattern}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The shared mixture state
-# ----------------------------------------------------------------------------------------------------------------
+def _module_scale(lcfg: dict, mod: str, r: int, cfg_path: Path) -> float:
+    """The LoRA scale of module ``mod`` of rank ``r`` (alpha / r, rsLoRA alpha / sqrt(r)), after checking that
+    the config's rank and targets describe it."""
+    rank_pattern, alpha_pattern, targets = lcfg["rank_pattern"], lcfg["alpha_pattern"], lcfg["targets"]
+    rkey = _pattern_key(list(rank_pattern), mod)
+    r_want = int(rank_pattern[rkey]) if rkey is not None else lcfg["r"]
+    if r != r_want:
+        field = f"rank_pattern[{rkey!r}]" if rkey is not None else "r"
+        raise DLPError(f"{cfg_path}: field {field!r}: says rank {r_want}, but module {mod} has rank {r} in "
+                       f"{WEIGHTS_FILE}")
+    if isinstance(targets, list) and targets and not any(mod == t or mod.endswith("." + t) for t in targets):
+        raise DLPError(f"{cfg_path}: field 'target_modules': {targets} does not include module {mod} of "
+                       f"{WEIGHTS_FILE}")
+    key = _pattern_key(list(alpha_pattern), mod)
+    alpha = float(alpha_pattern[key]) if key is not None else lcfg["alpha"]
+    return alpha / math.sqrt(r) if lcfg["rslora"] else alpha / r
+
 
 class MixtureState:
     """The mixture weights of one fused model, shared by all its wrapped layers (set once, read by every layer).
@@ -189,6 +203,11 @@ class MixtureState:
         return weights.detach().to(device=self.device, dtype=torch.float32)
 
     def set(self, weights: Any) -> None:
+        """Make ``weights`` the mixture of every following forward pass: ``(B, N)`` one mixture per row (or
+        ``(1, N)`` for all rows), ``(B, S, N)`` one per token of the next input. Checks shape and values (finite,
+        >= 0), then, with the one host sync of a routing decision, finds the active adapters, ``k_row`` and each
+        row's adapter indices, and decides whether decode steps take the per-row path. Bumps ``version`` and
+        drops the column cache, so every layer rebuilds its per-row gather on its next call."""
         w = self.check(weights)
         nz = w != 0
         row_any = nz.any(1) if w.dim() == 3 else nz                      # (B, N)
@@ -213,6 +232,19 @@ class MixtureState:
                                                          (self.decode_path == "auto" and auto))
         self.version += 1
         self._cols = {}
+
+    def path(self, batch: int, seq: int) -> str:
+        """Which computation a layer runs for an input of ``batch`` rows and ``seq`` new tokens - the one place
+        this is decided: "base" (no mixture set: ``base(x)`` only; also the merged case, where the mixture already
+        sits in W), "rows" (rows on different adapters, one mixture per row), "token_rows" (the same with
+        per-token weights) or "union" (every row over the active set). A prefill of rows that differ always takes
+        a per-row path; a decode step does while ``rows_decode`` (see ``ROWS_DECODE_LIMIT``)."""
+        w = self.weights
+        if w is None or not self.active:
+            return "base"
+        if self.row_idx is None or w.shape[0] != batch or (seq == 1 and not self.rows_decode):
+            return "union"
+        return "rows" if w.dim() == 2 else "token_rows"
 
     def clear(self) -> None:
         self.weights, self.active, self.active_t, self.row_idx, self.k_row = None, (), None, None, 0
@@ -239,9 +271,6 @@ class MixtureState:
         return cols
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The wrapped layer
-# ----------------------------------------------------------------------------------------------------------------
 
 class FusedLoRALinear(nn.Module):
     """A base ``nn.Linear`` plus N stacked LoRA adapters, mixed by the shared :class:`MixtureState`.
@@ -290,40 +319,64 @@ class FusedLoRALinear(nn.Module):
         return f"adapters={self.A.shape[0]}, r_max={self.r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + Σ_i w_i·s_i·B_i·A_i·x`` with the weights of the shared :class:`MixtureState` (``x``: (batch,
+        seq, d_in); weights of batch 1 apply to every row). :meth:`MixtureState.path` picks one of three
+        computations, each exact to the naive formula and each two matmuls with no host sync; what they cache is
+        said in their own docstrings."""
         y = F.linear(x, self.base.weight, self.base.bias) if self._plain else self.base(x)
         st = self._state
         if st.weights is None or not st.active:
             return y
-        w = st.weights
+        self._check_input(x, st.weights)
+        path = st.path(x.shape[0], x.shape[1])
+        inplace = not torch.is_grad_enabled()       # under autograd, y must not be changed in place
+        if path == "rows":
+            return self._rows(x, y, inplace)
+        if path == "token_rows":
+            return self._token_rows(x, y, inplace)
+        return self._union(x, y, inplace)
+
+    def _check_input(self, x: torch.Tensor, w: torch.Tensor) -> None:
         if x.dim() != 3:
             raise DLPError(f"{self.name}: fused layers expect (batch, seq, features) inputs, got {tuple(x.shape)}")
-        bsz, seq = x.shape[0], x.shape[1]
-        if w.shape[0] != bsz and w.shape[0] != 1:
-            raise DLPError(f"mixture weights: batch {w.shape[0]} but the model input has batch {bsz}")
-        if w.dim() == 3 and w.shape[1] != seq:
-            raise DLPError(f"mixture weights: {w.shape[1]} per-token weights but the input has {seq} new tokens "
-                           "(with a KV cache pass weights for the new tokens only)")
-        inplace = not torch.is_grad_enabled()
-        if st.row_idx is not None and w.shape[0] == bsz and (seq > 1 or st.rows_decode):
-            # per-row path: every row uses only its own <= k_row adapters
-            k = st.k_row
-            if w.dim() == 2:
-                # (B, N): gather each row's A and weight-scaled B once per set_weights, reuse every step
-                if self._rows_ver != st.version:
-                    # stored transposed (B, d_in, k*r) and contiguous: the bmm then reads it linearly
-                    self._A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1).transpose(1, 2).contiguous()
-                    cols = st.columns(self.r, self.Bt.dtype, True).transpose(1, 2)       # (B, k*r, 1)
-                    self._Bw_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1) * cols
-                    self._rows_ver = st.version
-                h = torch.bmm(x, self._A_rows)
-                return y.baddbmm_(h, self._Bw_rows) if inplace else torch.baddbmm(y, h, self._Bw_rows)
-            A_rows = self.A[st.row_idx].reshape(bsz, k * self.r, -1)
-            h = torch.bmm(x, A_rows.transpose(1, 2))
-            cols = st.columns(self.r, h.dtype, True)
-            h = h.mul_(cols) if inplace else h * cols
-            Bt_rows = self.Bt[st.row_idx].reshape(bsz, k * self.r, -1)
-            return y.baddbmm_(h, Bt_rows) if inplace else torch.baddbmm(y, h, Bt_rows)
-        key = (st.active, torch.is_inference_mode_enabled())   # inference tensors must not leak into autograd
+        if w.shape[0] != x.shape[0] and w.shape[0] != 1:
+            raise DLPError(f"mixture weights: batch {w.shape[0]} but the model input has batch {x.shape[0]}")
+        if w.dim() == 3 and w.shape[1] != x.shape[1]:
+            raise DLPError(f"mixture weights: {w.shape[1]} per-token weights but the input has {x.shape[1]} new "
+                           "tokens (with a KV cache pass weights for the new tokens only)")
+
+    def _rows(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Per-row path, one mixture per row: each row uses only its own <= k_row adapters. Caches, per
+        ``set_weights`` (``state.version``), each row's A (transposed, contiguous, so the bmm reads it linearly)
+        and its weight-scaled B; every later step is one ``bmm`` + one ``baddbmm``."""
+        st = self._state
+        if self._rows_ver != st.version:
+            bsz, kr = x.shape[0], st.k_row * self.r
+            self._A_rows = self.A[st.row_idx].reshape(bsz, kr, -1).transpose(1, 2).contiguous()
+            cols = st.columns(self.r, self.Bt.dtype, True).transpose(1, 2)        # (B, k*r, 1)
+            self._Bw_rows = self.Bt[st.row_idx].reshape(bsz, kr, -1) * cols
+            self._rows_ver = st.version
+        h = torch.bmm(x, self._A_rows)
+        return y.baddbmm_(h, self._Bw_rows) if inplace else torch.baddbmm(y, h, self._Bw_rows)
+
+    def _token_rows(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Per-row path with per-token weights (a prefill whose spans carry different mixtures): gathers the
+        rows' A and B on each call (prefills are rare) and caches nothing here; the expanded column weights are
+        cached once per ``set_weights`` in the shared state."""
+        st = self._state
+        bsz, kr = x.shape[0], st.k_row * self.r
+        h = torch.bmm(x, self.A[st.row_idx].reshape(bsz, kr, -1).transpose(1, 2))
+        cols = st.columns(self.r, h.dtype, True)
+        h = h.mul_(cols) if inplace else h * cols
+        Bt_rows = self.Bt[st.row_idx].reshape(bsz, kr, -1)
+        return y.baddbmm_(h, Bt_rows) if inplace else torch.baddbmm(y, h, Bt_rows)
+
+    def _union(self, x: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Union path: every row over the batch's active adapters, columns scaled by the row's (or token's)
+        weights. Caches A_sel/B_sel per active set (and per inference mode: inference tensors must not leak into
+        autograd), so a run of steps on the same adapters gathers them once."""
+        st = self._state
+        key = (st.active, torch.is_inference_mode_enabled())
         if self._sel_key != key:
             self._A_sel = self.A.index_select(0, st.active_t).reshape(-1, self.A.shape[-1])
             self._Bt_sel = self.Bt.index_select(0, st.active_t).reshape(-1, self.Bt.shape[-1])
@@ -336,7 +389,6 @@ class FusedLoRALinear(nn.Module):
             return y
         return y + h @ self._Bt_sel
 
-    # merge mode -------------------------------------------------------------------------------------------------
     def merge(self, w: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """Fold Σ w_i s_i B_i A_i into W (fp32 arithmetic). An exact copy of W is kept for ``unmerge``.
         ``idx``: the adapters with a non-zero weight, when the caller already has them (one sync per model)."""
@@ -358,9 +410,6 @@ class FusedLoRALinear(nn.Module):
             self._w_orig = None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Fusing adapters into a model
-# ----------------------------------------------------------------------------------------------------------------
 
 class FusedAdapters:
     """N adapters fused into one model. ``names`` are the task names, in order (== router labels)."""
@@ -382,7 +431,6 @@ class FusedAdapters:
     def __repr__(self) -> str:
         return f"FusedAdapters(n={len(self.names)}, layers={len(self.layers)}, names={self.names})"
 
-    # weights ----------------------------------------------------------------------------------------------------
     def weights_vector(self, mapping: dict[str, float] | None = None) -> torch.Tensor:
         """A dense (N,) weight vector from ``{task: weight}`` (unknown task -> DLPError)."""
         w = torch.zeros(len(self.names))
@@ -435,7 +483,6 @@ class FusedAdapters:
             raise DLPError(f"{what}: weights must be finite and >= 0")
         return w
 
-    # merge mode -------------------------------------------------------------------------------------------------
     def merge(self, weights_row: Any) -> None:
         """Fold one mixture (N,) into the base weights (batch-1 generation: ≈0 per-token overhead). Merging again
         replaces the previous mixture; ``unmerge`` restores W exactly."""
@@ -455,7 +502,6 @@ class FusedAdapters:
             layer.unmerge()
         self.merged = None
 
-    # export -----------------------------------------------------------------------------------------------------
     def export_mixture(self, weights: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the mixture Σ w_i s_i B_i A_i as ONE ordinary PEFT LoRA adapter of rank Σr_i (exact: the A's are
         concatenated, the w_i·s_i-scaled B's concatenated; lora_alpha == r so PEFT's scale is 1)."""
@@ -498,7 +544,6 @@ class FusedAdapters:
                                                          "adapters": [str(self.paths[i]) for i in used]})
         return Path(out_dir)
 
-    # detach -----------------------------------------------------------------------------------------------------
     def detach(self) -> nn.Module:
         """Remove the wrappers: the model holds its original ``nn.Linear`` objects (and exact weights) again."""
         if self._detached:
@@ -563,8 +608,20 @@ def fuse_adapters(model: nn.Module, adapter_dirs: Sequence[str | os.PathLike], n
         if n in seen:
             raise DLPError(f"{a['path']}: task {n!r} also used by adapter {seen[n]}")
         seen[n] = a["path"]
-    n = len(adapters)
-    # check every adapter against the base model before touching it
+    targets = _target_layers(model, adapters)     # every adapter checked before the model is touched
+    _check_base_model(model, adapters)            # after the shape checks, which name the module that does not fit
+    state = MixtureState(len(adapters), next(model.parameters()).device)
+    layers = {mod: _stack_layer(mod, targets[mod], adapters, state) for mod in sorted(targets)}
+    for mod, layer in layers.items():
+        parent_name, _, child = mod.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return FusedAdapters(model, task_names, [a["path"] for a in adapters], layers, state,
+                         [a["config"] for a in adapters])
+
+
+def _target_layers(model: nn.Module, adapters: list[dict]) -> dict[str, nn.Linear]:
+    """The base model's linear layer of every module any adapter targets, after checking it fits."""
     targets: dict[str, nn.Linear] = {}
     for a in adapters:
         for mod, (A, B, _) in a["modules"].items():
@@ -579,35 +636,23 @@ def fuse_adapters(model: nn.Module, adapter_dirs: Sequence[str | os.PathLike], n
                 raise DLPError(f"{a['path']}: module {mod}: adapter shape {B.shape[0]}x{A.shape[1]} does not match "
                                f"the base layer {m.out_features}x{m.in_features} (adapter trained on another base model?)")
             targets[mod] = m
-    _check_base_model(model, adapters)   # after the shape checks, which name the module that does not fit
-    device = next(model.parameters()).device
-    state = MixtureState(n, device)
-    layers: dict[str, FusedLoRALinear] = {}
-    for mod in sorted(targets):
-        base = targets[mod]
-        ranks = [a["modules"][mod][0].shape[0] if mod in a["modules"] else 0 for a in adapters]
-        r = max(ranks)
-        A = torch.zeros(n, r, base.in_features)
-        Bt = torch.zeros(n, r, base.out_features)
-        for i, a in enumerate(adapters):
-            if mod in a["modules"]:
-                Ai, Bi, s = a["modules"][mod]
-                A[i, :ranks[i]] = Ai
-                Bt[i, :ranks[i]] = (Bi * s).t()
-        wdt, wdev = base.weight.dtype, base.weight.device
-        layer = FusedLoRALinear(base, A.to(wdev, wdt), Bt.to(wdev, wdt), ranks, state, name=mod)
-        layers[mod] = layer
-    for mod, layer in layers.items():
-        parent_name, _, child = mod.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
-    return FusedAdapters(model, task_names, [a["path"] for a in adapters], layers, state,
-                         [a["config"] for a in adapters])
+    return targets
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random adapters (tests, benchmarks)
-# ----------------------------------------------------------------------------------------------------------------
+def _stack_layer(mod: str, base: nn.Linear, adapters: list[dict], state: MixtureState) -> FusedLoRALinear:
+    """All adapters' A and scaled B of one module, stacked and zero-padded to the largest rank."""
+    n = len(adapters)
+    ranks = [a["modules"][mod][0].shape[0] if mod in a["modules"] else 0 for a in adapters]
+    A = torch.zeros(n, max(ranks), base.in_features)
+    Bt = torch.zeros(n, max(ranks), base.out_features)
+    for i, a in enumerate(adapters):
+        if mod in a["modules"]:
+            Ai, Bi, s = a["modules"][mod]
+            A[i, :ranks[i]] = Ai
+            Bt[i, :ranks[i]] = (Bi * s).t()
+    wdt, wdev = base.weight.dtype, base.weight.device
+    return FusedLoRALinear(base, A.to(wdev, wdt), Bt.to(wdev, wdt), ranks, state, name=mod)
+
 
 def make_random_adapter(model: nn.Module, out_dir: str | os.PathLike, rank: int = 8, alpha: float = 16,
                         target_modules: Sequence[str] | str = ("q_proj", "v_proj"), seed: int = 0,

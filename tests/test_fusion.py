@@ -350,6 +350,26 @@ def test_folder_without_peft_files(fresh, tmp_path, adapters):
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_adapter_with_nan_or_inf_is_refused_at_load(fresh, tmp_path, adapters, bad):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, _ = fresh
+    d = tmp_path / "poisoned"
+    shutil.copytree(adapters[0], d)
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    key = sorted(k for k in sd if "lora_B" in k)[1]
+    sd[key][3, 1] = bad
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DLPError) as err:
+        fuse_adapters(model, [adapters[1], d])
+    msg = str(err.value)
+    assert "\n" not in msg and "poisoned/adapter_model.safetensors" in msg and key in msg and "NaN or infinite" in msg
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+
+
 @pytest.mark.parametrize("w, needle", [
     (torch.ones(2, 3), "expected shape"),
     (torch.ones(4), "expected shape"),
