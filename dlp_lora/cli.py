@@ -236,14 +236,20 @@ def _p_train_lora(sub) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
-    from .evaluate import command_line, evaluate, summary_markdown
+    from .evaluate import EvalConfig, command_line, evaluate, summary_markdown
 
-    summary = evaluate(args.run, data=args.data, data_dir=args.data_dir, out_dir=args.out, systems=args.systems,
-                       limit=args.limit, top_p=args.top_p, weighting=args.weighting, granularity=args.granularity,
-                       model_spec=args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       metrics=args.metric, auto_budget=not args.fixed_length, overwrite=args.overwrite,
-                       progress=not args.no_progress, device=args.device, results_md=args.results_md,
-                       results_commands=args.results_commands, command=command_line(_eval_argv(args)))
+    if args.limit is not None and args.limit < 1:
+        raise DLPError(f"--limit: limit must be >= 1, got {args.limit}")
+    # EvalConfig field <- flag; a flag not given keeps EvalConfig's default (the one place that holds them)
+    fields = {"systems": "systems", "model_spec": "model", "router": "router", "multitask_adapter": "multitask_adapter",
+              "limit": "limit", "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "metrics": "metric",
+              "composite": "composite", "composite_n": "composite_n", "seed": "seed", "device": "device",
+              "results_md": "results_md", "results_commands": "results_commands"}
+    given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
+    cfg = EvalConfig(run_dir=args.run, data=args.data or [], data_dir=args.data_dir or "", out_dir=args.out,
+                     selection=selection_from_args(args), auto_budget=not args.fixed_length, overwrite=args.overwrite,
+                     command=command_line(_eval_argv(args)), **given)
+    summary = evaluate(cfg, progress=not args.no_progress)
     print(summary_markdown(summary))
     print(f"wrote {args.out}" + (f" and {args.results_md}" if args.results_md else ""))
     return 0
@@ -253,46 +259,47 @@ def _eval_argv(args) -> list[str]:
     """The eval command line rebuilt from the parsed arguments (recorded in summary.json / RESULTS.md)."""
     argv = ["eval", "--run", str(args.run)]
     argv += ["--data", *map(str, args.data)] if args.data else ["--data-dir", str(args.data_dir)]
-    argv += ["--systems", args.systems]
-    for flag, value, default in (("--limit", args.limit, None), ("--top-p", args.top_p, 0.8),
-                                 ("--weighting", args.weighting, "paper"), ("--granularity", args.granularity, "prompt"),
-                                 ("--model", args.model, None), ("--max-new-tokens", args.max_new_tokens, 64),
-                                 ("--batch-size", args.batch_size, 8), ("--device", args.device, None)):
-        if value != default:
+    for flag in ("--systems", "--limit", "--top-p", "--weighting", "--granularity", "--max-adapters",
+                 "--min-confidence", "--model", "--router", "--multitask-adapter", "--max-new-tokens", "--batch-size",
+                 "--composite", "--composite-n", "--seed", "--device", "--out", "--results-md", "--results-commands"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
             argv += [flag, str(value)]
-    if args.fixed_length:
-        argv.append("--fixed-length")
     for m in args.metric or []:
         argv += ["--metric", m]
-    argv += ["--out", str(args.out)]
-    if args.results_md:
-        argv += ["--results-md", str(args.results_md)]
-    if args.results_commands:
-        argv += ["--results-commands", str(args.results_commands)]
-    if args.overwrite:
-        argv.append("--overwrite")
+    argv += [flag for flag in ("--fixed-length", "--overwrite") if getattr(args, flag[2:].replace("-", "_"))]
     return argv
 
 
 def _p_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate base / single / DLP-LoRA / uniform on the same test samples")
+    from .evaluate import SYSTEMS, EvalConfig
+
+    d = EvalConfig()
+    p = sub.add_parser("eval", help="compare base / single / DLP-LoRA / top-1 / multitask / uniform on the same "
+                                    "test samples (and composite prompts)")
     p.add_argument("--run", required=True, help="run folder (adapters.txt + router/) or an adapters.txt")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", nargs="+", default=None, help="test task files (task names must match adapters)")
     g.add_argument("--data-dir", default=None, help="folder of test task files")
-    p.add_argument("--systems", default="base,single,dlp,uniform", help="comma list of base,single,dlp,uniform")
+    p.add_argument("--systems", default=None, help=f"comma list of {','.join(SYSTEMS)} (default {','.join(d.systems)})")
     p.add_argument("--limit", type=int, default=None, help="first N samples per task (default: all)")
-    p.add_argument("--top-p", type=float, default=0.8, help="router top-p for dlp (default 0.8)")
-    p.add_argument("--weighting", default="paper", choices=["paper", "renorm"], help="fusion weights (default paper)")
-    p.add_argument("--granularity", default="prompt", choices=["prompt", "sentence"],
-                   help="dlp routing once per prompt or per sentence (default prompt)")
-    p.add_argument("--model", default=None, help="default | tiny | PATH (default: the adapters' base model)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated tokens per sample (default 64)")
+    add_selection_arguments(p, granularity=d.selection.granularity)
+    p.add_argument("--model", default=None, help=_MODEL_HELP)
+    p.add_argument("--router", default=None, help="router folder (default: RUN/router/)")
+    p.add_argument("--multitask-adapter", default=None,
+                   help="PEFT adapter trained on all tasks, for the multitask system (default: RUN/multitask/)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"cap on generated tokens per answer (default {d.max_new_tokens})")
     p.add_argument("--fixed-length", action="store_true",
                    help="always allow --max-new-tokens (default: per task, longest reference + 16, capped)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"rows generated together (default {d.batch_size})")
     p.add_argument("--metric", action="append", default=None, metavar="TASK=METRIC",
                    help="override a task's metric (repeatable)")
+    p.add_argument("--composite", default=None, metavar="N[,N...]",
+                   help="also evaluate composite prompts of N questions from N different tasks (e.g. 2,3)")
+    p.add_argument("--composite-n", type=int, default=None,
+                   help=f"composite prompts per size (default {d.composite_n})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the composite prompts (default {d.seed})")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder, e.g. TestOutputs/NAME (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

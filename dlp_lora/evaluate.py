@@ -1,29 +1,28 @@
-"""DLP-LoRA test / evaluation (``dlp-lora eval``): the paper's metrics and the comparison loop.
+"""DLP-LoRA test / evaluation (``dlp-lora eval``): the comparison recipe.
 
-Four systems run on the **same** samples, by free generation through :meth:`DLPPipeline.generate` (batched,
-never teacher forcing - the original code's teacher-forced, character-level BLEU is one of the gaps DESIGN §1
-lists):
+Every system answers the **same** samples with the same generation settings (free generation through
+:meth:`DLPPipeline.generate`: batched, greedy, chat template, per-task token budget):
 
-* ``base``    - the base model (all-zero mixture weights);
-* ``single``  - the task's own LoRA (one-hot weights on the true task: oracle routing);
-* ``dlp``     - DLP-LoRA: the router's probabilities -> top-p selection -> fused mixture (paper §3);
-* ``uniform`` - every adapter with weight 1/N (a static merge baseline).
+* ``base``           - the base model (all-zero mixture weights);
+* ``single``         - the task's own LoRA (one-hot on the true task: oracle routing);
+* ``dlp``            - DLP-LoRA: router -> top-p -> fused mixture (paper §3) with the given selection
+  (eval routes once per prompt unless ``--granularity`` says otherwise);
+* ``dlp-sentence``   - the same, routed per sentence (the paper's granularity);
+* ``dlp-segment``    - the same, answer ``i`` of a composite prompt on the mixture of question ``i`` (ours);
+* ``top1``           - the router's best adapter alone (what a plain classifier-router does);
+* ``multitask``      - one LoRA trained on all tasks (``RUN/multitask/`` or ``--multitask-adapter``), fused alone
+  into its own copy of the base model (the paper's "why not one LoRA" comparison);
+* ``uniform``        - every adapter with weight 1/N (a static merge);
+* ``oracle-segment`` - answer ``i`` of a composite prompt on its true task's adapter (the upper bound of
+  ``dlp-segment``).
 
-Systems are interleaved per batch (A B C D, then the next batch, with the starting system rotated), so machine
-noise is shared and time ratios measured in one run are comparable.
+``single`` needs one true task per prompt, so it runs on the per-task samples only; ``dlp-segment`` and
+``oracle-segment`` need numbered questions, so they run on composite prompts only (:mod:`dlp_lora.composite`).
 
-Metrics (all through libraries where one exists):
-
-* ``accuracy``     - MCQ accuracy with answer extraction (:func:`extract_choice`);
-* ``exact``        - normalised exact match (:func:`normalize`: strip, casefold, collapse spaces, drop trailing
-  ``.,;:!?``);
-* ``contains``     - the normalised reference occurs in the normalised prediction;
-* ``gsm8k_number`` - the final number (:func:`gsm8k_number`) equals the reference's final number;
-* ``bleu_rouge``   - BLEU (``sacrebleu``, corpus level for the task score) plus ROUGE-1/2/L F1 (``rouge-score``);
-* ``bleu``, ``rouge1``, ``rouge2``, ``rougeL`` - one of the above alone (for ``--metric task=...`` overrides).
-
-Scales: :func:`score` returns a per-sample value in [0, 1]; :func:`bleu` and :func:`rouge` return the usual
-0-100 figures; every table in ``summary.json``/``summary.md`` is in points (0-100).
+The recipe (:func:`evaluate`): check the outputs -> open the run -> read the test files -> load the pipelines ->
+per-task samples, every system interleaved per batch (the first system rotates, so machine noise is shared and
+time ratios measured in one run are comparable) -> scores, routing, timing -> composite prompts -> write
+``TestOutputs/<name>/`` atomically. Metrics live in :mod:`dlp_lora.metrics`.
 """
 
 from __future__ import annotations
@@ -31,338 +30,99 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from .composite import CompositeItem, CompositePrompt, build_composites, composite_figures, score_composite
 from .config import DLPError, atomic_dir, atomic_write_json, atomic_write_text, check
-from .data import METRICS, TaskData, read_task, task_files
+from .data import TaskData, read_task, task_files
+from .metrics import SCORE_METRICS, TEXT_METRICS, ROUGE_TYPES, score, task_scores
+from .run import Run, open_run
+from .selection import SelectionConfig
 
-SYSTEMS = ("base", "single", "dlp", "uniform")
-SCORE_METRICS = METRICS + ("bleu", "rouge1", "rouge2", "rougeL")
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+SYSTEMS = ("base", "single", "dlp", "dlp-sentence", "dlp-segment", "top1", "multitask", "uniform", "oracle-segment")
+DEFAULT_SYSTEMS = ("base", "single", "dlp", "uniform")
+ROUTED = ("dlp", "dlp-sentence", "dlp-segment", "top1")     # need the run's router
+ORACLE = ("single", "oracle-segment")                          # use the true task's adapter
+COMPOSITE_ONLY = ("dlp-segment", "oracle-segment")            # their mixtures follow numbered questions
+PER_TASK_ONLY = ("single",)                                    # one true task per prompt
+MIXTURE_REPORTED = ("dlp", "dlp-sentence")                     # the first of these present gives the routing report
+MULTITASK_DIR = "multitask"                                    # RUN/multitask/: the default multitask adapter
+# eval's dlp routes once per prompt (the original code's protocol); dlp-sentence/-segment change only this
+EVAL_SELECTION = SelectionConfig(granularity="prompt")
+_SYSTEM_GRANULARITY = {"dlp-sentence": "sentence", "dlp-segment": "segment"}
 
-# ================================================================================================================
-# Metrics
-# ================================================================================================================
-
-_TRAILING_PUNCT = ".,;:!?"
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def normalize(text: str) -> str:
-    """Text for exact/contains matching: strip, casefold, collapse whitespace, drop trailing ``.,;:!?``."""
-    t = " ".join(str(text).split()).casefold()
-    return t.rstrip(_TRAILING_PUNCT + " ").strip()
-
-
-# An option string may carry its own label: "(A) yes", "A. yes", "A) yes", "A: yes".
-_OPTION_LABEL = re.compile(r"^\s*(?:\(([A-Za-z])\)|([A-Za-z])[.):])\s*")
-# "answer is", "answer:", "answer -", "Answer is option" ... (case-insensitive)
-_CUE = re.compile(r"\banswer\b(?:\s+(?:is|would\s+be|will\s+be|=))?\s*(?:[:\-=]\s*)?(?:option\s+)?", re.I)
-_PAREN_LETTER = re.compile(r"\(([A-Za-z])\)")
-_START_LETTER = re.compile(r"^[\s\"'*`]*(?:option\s+)?([A-Z])(?=$|[.):,;]|\s*$)")
-_ONLY_LETTER = re.compile(r"^\s*\(?([A-Za-z])\)?[.]?\s*$")
-_BOUND_L = r"(?<![A-Za-z0-9])"
-_BOUND_R = r"(?![A-Za-z0-9])"
-
-
-def _parse_options(choices: Sequence[str]) -> list[tuple[str, str]]:
-    """``[(letter, option_text), ...]``: letters from the options' own labels when every option has one,
-    else by position (A, B, C ...); option text without its label and trailing punctuation."""
-    labelled = [(_OPTION_LABEL.match(c), c) for c in choices]
-    use_labels = bool(choices) and all(m is not None for m, _ in labelled)
-    out = []
-    for i, (m, c) in enumerate(labelled):
-        if use_labels:
-            letter = (m.group(1) or m.group(2)).upper()
-            text = c[m.end():]
-        else:
-            letter = _LETTERS[i] if i < len(_LETTERS) else ""
-            text = c
-        out.append((letter, text.strip().rstrip(_TRAILING_PUNCT).strip()))
-    return out
-
-
-def _letter_index(letter: str, options: list[tuple[str, str]]) -> int | None:
-    letter = letter.upper()
-    for i, (lab, _) in enumerate(options):
-        if lab == letter:
-            return i
-    return None
-
-
-def _text_hits(text: str, options: list[tuple[str, str]], start: int = 0, anchored: bool = False):
-    """``(position, -length, index)`` of every option text found as a whole word/phrase (case-insensitive).
-    Single-character option texts are left to the letter rules (they would match articles like "a")."""
-    hits = []
-    for i, (_, opt) in enumerate(options):
-        if len(opt) < 2:
-            continue
-        pat = re.compile(_BOUND_L + re.escape(opt) + _BOUND_R, re.I)
-        m = pat.match(text, start) if anchored else pat.search(text, start)
-        if m:
-            hits.append((m.start(), -len(opt), i))
-    return hits
-
-
-def _cue_answer(text: str, pos: int, options: list[tuple[str, str]]) -> int | None:
-    """The option named right after an answer cue that ends at ``pos``."""
-    rest = text[pos:]
-    m = re.match(r"\(([A-Za-z])\)", rest)
-    if m:
-        return _letter_index(m.group(1), options)
-    # a bare letter: upper case, or lower case only when nothing but punctuation/end follows ("answer: b")
-    m = re.match(r"([A-Z])(?![A-Za-z0-9])|([a-z])(?=\s*$|[.),;:!?\]])", rest)
-    if m:
-        idx = _letter_index(m.group(1) or m.group(2), options)
-        if idx is not None:
-            return idx
-    hits = _text_hits(text, options, pos, anchored=True)
-    if hits:
-        return min(hits)[2]
-    return None
-
-
-def _extract_index(text: str, choices: Sequence[str]) -> int | None:
-    if not text or not choices:
-        return None
-    options = _parse_options(choices)
-    text = str(text)
-    # Rule 1: an explicit answer cue ("The answer is (B).", "answer: b", "Answer: True"); the first cue that
-    # names a valid option wins.
-    for m in _CUE.finditer(text):
-        idx = _cue_answer(text, m.end(), options)
-        if idx is not None:
-            return idx
-    # Rule 2: otherwise the earliest of: "(B)", a bare capital letter at the very start ("B", "B.", "B)"),
-    # an option's text as a whole word/phrase (the longest option wins a tie at one position).
-    m = _ONLY_LETTER.match(text)
-    if m:  # the whole answer is one letter, any case: "b", "(b)", "B."
-        return _letter_index(m.group(1), options)
-    cands: list[tuple[int, int, int]] = []
-    for m in _PAREN_LETTER.finditer(text):
-        idx = _letter_index(m.group(1), options)
-        if idx is not None:
-            cands.append((m.start(), 0, idx))
-            break
-    m = _START_LETTER.match(text)
-    if m:
-        idx = _letter_index(m.group(1), options)
-        if idx is not None:
-            cands.append((m.start(1), 0, idx))
-    cands.extend(_text_hits(text, options))
-    if not cands:
-        return None
-    return min(cands)[2]
-
-
-def extract_choice(text: str, choices: Sequence[str]) -> str | None:
-    """The option of ``choices`` that ``text`` answers, or None.
-
-    Options are lettered by their own labels when every option has one ("(A) yes", "A. yes"), else by position
-    (A, B, C, ...). Rules, in order:
-
-    1. an explicit answer cue - "answer is", "answer:", "answer is option" (any case) - followed by a
-       parenthesised letter "(B)", a capital letter "B", a lower-case letter only when nothing but punctuation
-       follows ("answer: b."), or an option's text; the **first** cue naming a valid option wins;
-    2. a text that is only one letter, any case ("b", "(b)", "B.");
-    3. otherwise the **earliest** of: a parenthesised letter "(B)"; a capital letter at the very start of the
-       text ("B", "B.", "B)"); an option's text as a whole word or phrase, case-insensitive (longest option
-       on a tie, so "invalid" is never read as "valid").
-
-    Letters outside the options are ignored; single-character option texts are matched only as letters.
-    Returns the option string as given in ``choices``.
-    """
-    idx = _extract_index(text, choices)
-    return None if idx is None else list(choices)[idx]
-
-
-_LETTER_REF = re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.]?\s*$")
-
-
-def _mcq_correct(prediction: str, reference: str, choices: Sequence[str] | None) -> bool:
-    if choices:
-        ref = _extract_index(reference, choices)
-        if ref is None:  # a reference outside the options: compare its text with the prediction's answer
-            return normalize(prediction) == normalize(reference)
-        return _extract_index(prediction, choices) == ref
-    m = _LETTER_REF.match(reference)
-    if m:  # no options known but the reference is a letter: letters only (A..Z)
-        letters = list(_LETTERS)
-        return _extract_index(prediction, letters) == _extract_index(reference, letters)
-    # no options and a free-text reference: the reference is the only option we know about
-    return _extract_index(prediction, [reference]) == 0 or normalize(prediction) == normalize(reference)
-
-
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def _to_number(s: str) -> float | None:
-    s = s.replace("$", "").replace(",", "").replace(" ", "")
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
-def gsm8k_number(text: str) -> float | None:
-    """GSM8K-style final answer: the number after the last ``####`` when present, else the last number in the
-    text; thousands commas and ``$`` removed ("$1,200.50" -> 1200.5, "#### 42" -> 42.0). None if no number."""
-    text = str(text or "")
-    if "####" in text:
-        after = text.rsplit("####", 1)[1]
-        m = _NUMBER.search(after)
-        if m:
-            return _to_number(m.group(0))
-    nums = _NUMBER.findall(text)
-    for n in reversed(nums):
-        v = _to_number(n)
-        if v is not None:
-            return v
-    return None
-
-
-def bleu(preds: Sequence[str] | str, refs: Sequence[str] | str) -> float:
-    """BLEU (0-100) with ``sacrebleu`` defaults (13a tokenizer, exp smoothing). Lists -> corpus BLEU; two
-    strings -> sentence BLEU."""
-    import sacrebleu
-
-    if isinstance(preds, str) and isinstance(refs, str):
-        return float(sacrebleu.sentence_bleu(preds, [refs]).score)
-    preds, refs = list(preds), list(refs)
-    check(len(preds) == len(refs), f"bleu: {len(preds)} predictions for {len(refs)} references")
-    if not preds:
-        return 0.0
-    return float(sacrebleu.corpus_bleu(preds, [refs]).score)
-
-
-_ROUGE_SCORER = None
-
-
-def _rouge_scorer():
-    global _ROUGE_SCORER
-    if _ROUGE_SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    return _ROUGE_SCORER
-
-
-def rouge(preds: Sequence[str] | str, refs: Sequence[str] | str) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 (0-100) with ``rouge-score`` (Porter stemmer on). Strings or equal-length lists."""
-    if isinstance(preds, str) and isinstance(refs, str):
-        preds, refs = [preds], [refs]
-    preds, refs = list(preds), list(refs)
-    check(len(preds) == len(refs), f"rouge: {len(preds)} predictions for {len(refs)} references")
-    if not preds:
-        return {k: 0.0 for k in ROUGE_TYPES}
-    sc = _rouge_scorer()
-    tot = {k: 0.0 for k in ROUGE_TYPES}
-    for p, r in zip(preds, refs):
-        s = sc.score(r, p)  # rouge-score takes (target, prediction)
-        for k in ROUGE_TYPES:
-            tot[k] += s[k].fmeasure
-    return {k: 100.0 * v / len(preds) for k, v in tot.items()}
-
-
-def score(metric: str, prediction: str, reference: str, choices: Sequence[str] | None = None) -> float:
-    """One sample's score in [0, 1] under ``metric`` (see the module doc). ``bleu_rouge``/``bleu`` give
-    sentence BLEU / 100; ``rouge*`` the F1."""
-    prediction = "" if prediction is None else str(prediction)
-    reference = str(reference)
-    if metric == "accuracy":
-        return float(_mcq_correct(prediction, reference, choices))
-    if metric == "exact":
-        return float(normalize(prediction) == normalize(reference))
-    if metric == "contains":
-        ref = normalize(reference)
-        return float(bool(ref) and ref in normalize(prediction))
-    if metric == "gsm8k_number":
-        p, r = gsm8k_number(prediction), gsm8k_number(reference)
-        return float(p is not None and r is not None and abs(p - r) <= 1e-6 * max(1.0, abs(r)))
-    if metric in ("bleu", "bleu_rouge"):
-        return bleu(prediction, reference) / 100.0
-    if metric in ROUGE_TYPES:
-        return rouge(prediction, reference)[metric] / 100.0
-    raise DLPError(f"metric: unknown metric {metric!r} (choose {', '.join(SCORE_METRICS)})")
-
-
-def task_scores(metric: str, preds: Sequence[str], refs: Sequence[str],
-                choices: Sequence[Sequence[str] | None] | None = None) -> dict[str, float]:
-    """A task's figures in points (0-100): ``score`` (the primary figure averaged in the tables) plus the
-    metric's extras. BLEU tasks use corpus BLEU (sacrebleu's standard), not a mean of sentence BLEU."""
-    n = len(preds)
-    if n == 0:
-        return {"score": 0.0}
-    choices = list(choices) if choices is not None else [None] * n
-    if metric in ("bleu", "bleu_rouge", *ROUGE_TYPES):
-        out: dict[str, float] = {"bleu": bleu(list(preds), list(refs))}
-        out.update(rouge(list(preds), list(refs)))
-        out["score"] = out["bleu"] if metric in ("bleu", "bleu_rouge") else out[metric]
-        return out
-    vals = [score(metric, p, r, c) for p, r, c in zip(preds, refs, choices)]
-    return {"score": 100.0 * sum(vals) / n}
-
-
-# ================================================================================================================
-# Evaluation config
-# ================================================================================================================
 
 @dataclasses.dataclass
 class EvalConfig:
-    """What ``dlp-lora eval`` ran; saved as ``TestOutputs/<name>/config.json``."""
+    """What ``dlp-lora eval`` runs; saved as ``TestOutputs/<name>/config.json``."""
 
-    systems: list = dataclasses.field(default_factory=lambda: list(SYSTEMS))  # systems compared, in order
+    run_dir: str = ""                       # run folder (adapters.txt + router/) or an adapters.txt
+    data: list = dataclasses.field(default_factory=list)  # test task files (task names = adapter task names)
+    data_dir: str = ""                      # or a folder of test task files
+    out_dir: str = ""                       # output folder, e.g. TestOutputs/NAME (refused if it exists)
+    systems: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SYSTEMS))  # compared, in order
+    selection: SelectionConfig = EVAL_SELECTION  # dlp's selection; dlp-sentence/-segment change the granularity
+    model_spec: str = ""                    # base model override ("" = the base model the run's adapters name)
+    router: str = ""                        # router folder override ("" = RUN/router/)
+    multitask_adapter: str = ""             # PEFT folder of the multitask system ("" = RUN/multitask/)
     limit: int = 0                          # samples per task (first N of each test file; 0 = all)
-    top_p: float = 0.8                      # router top-p threshold for the dlp system (paper §3.2)
-    weighting: str = "paper"                # "paper": softmax over kept probs (Eq. 5); "renorm": kept / sum
-    granularity: str = "prompt"             # dlp routing: "prompt" (once per request) or "sentence" (paper)
-    model_spec: str = ""                    # base model ("" = from the adapters' metadata, else "default")
-    max_new_tokens: int = 64                # cap on generated tokens per sample
+    max_new_tokens: int = 64                # cap on generated tokens per answer
     auto_budget: bool = True                # per task: min(cap, longest test reference + 16 tokens) - saves CPU
     batch_size: int = 8                     # rows generated together (per system)
     metrics: dict = dataclasses.field(default_factory=dict)  # task -> metric overrides (--metric task=metric)
+    composite: list = dataclasses.field(default_factory=list)  # composite prompt sizes N, e.g. [2, 3] ([] = none)
+    composite_n: int = 100                  # composite prompts per size
+    seed: int = 0                           # seed of the composite prompts' draw
+    device: str = ""                        # cpu | cuda ("" = cuda when available)
+    dtype: str = "auto"                     # model dtype (auto | fp32 | bf16 | fp16)
+    overwrite: bool = False                 # replace an existing out_dir
+    results_md: str = ""                    # also write this evaluation's section of a RESULTS.md
+    results_commands: str = ""              # file of the commands that built the run (quoted in RESULTS.md)
+    command: str = ""                       # the command line recorded in summary.json
 
     def __post_init__(self) -> None:
-        self.systems = list(self.systems)
-        check(len(self.systems) > 0, "systems: at least one system is needed (choose base, single, dlp, uniform)")
-        for s in self.systems:
-            check(s in SYSTEMS, f"systems: unknown system {s!r} (choose {', '.join(SYSTEMS)})")
-        check(len(set(self.systems)) == len(self.systems), f"systems: listed twice in {self.systems}")
+        for f in ("run_dir", "data_dir", "out_dir", "model_spec", "router", "multitask_adapter", "device",
+                  "results_md", "results_commands", "command"):
+            setattr(self, f, "" if getattr(self, f) is None else str(getattr(self, f)))
+        self.data = [str(p) for p in ([self.data] if isinstance(self.data, (str, os.PathLike)) else self.data or [])]
+        self.systems = parse_systems(self.systems)
+        self.limit = 0 if self.limit is None else self.limit
+        self.metrics = parse_metric_overrides(self.metrics)
+        self.composite = parse_composite(self.composite)
+        check(isinstance(self.selection, SelectionConfig),
+              f"selection: expected a SelectionConfig, got {type(self.selection).__name__}")
         check(isinstance(self.limit, int) and self.limit >= 0, f"limit must be >= 1 (or 0 = all), got {self.limit!r}")
-        check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(self.weighting in ("paper", "renorm"), f"weighting must be paper|renorm, got {self.weighting!r}")
-        check(self.granularity in ("prompt", "sentence"), f"granularity must be prompt|sentence, got {self.granularity!r}")
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
-              f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        check(isinstance(self.batch_size, int) and self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size!r}")
-        for t, m in self.metrics.items():
-            check(m in SCORE_METRICS, f"--metric {t}={m}: unknown metric {m!r} (choose {', '.join(SCORE_METRICS)})")
+        for name in ("max_new_tokens", "batch_size", "composite_n"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        only = [s for s in self.systems if s in COMPOSITE_ONLY]
+        check(not only or bool(self.composite), f"systems: {', '.join(only)} run on composite prompts only "
+                                                 f"(add --composite N)")
 
 
 def parse_systems(spec: str | Iterable[str]) -> list[str]:
     """``"base,dlp"`` or a list -> validated list of system names."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     items = [s for s in items if s]
-    EvalConfig(systems=items)  # validates
+    check(len(items) > 0, f"systems: at least one system is needed (choose {', '.join(SYSTEMS)})")
+    for s in items:
+        check(s in SYSTEMS, f"systems: unknown system {s!r} (choose {', '.join(SYSTEMS)})")
+    check(len(set(items)) == len(items), f"systems: listed twice in {items}")
     return items
 
 
 def parse_metric_overrides(items: Iterable[str] | dict | None) -> dict[str, str]:
     """``["task=metric", ...]`` -> ``{task: metric}`` (one-line errors for a bad item)."""
-    if not items:
-        return {}
     if isinstance(items, dict):
-        return dict(items)
+        items = [f"{t}={m}" for t, m in items.items()]
     out: dict[str, str] = {}
-    for it in items:
+    for it in items or []:
         task, sep, metric = str(it).partition("=")
         task, metric = task.strip(), metric.strip()
         check(bool(sep and task and metric), f"--metric {it}: expected TASK=METRIC")
@@ -372,12 +132,29 @@ def parse_metric_overrides(items: Iterable[str] | dict | None) -> dict[str, str]
     return out
 
 
+def parse_composite(spec: str | Iterable | None) -> list[int]:
+    """``"2,3"`` or ``[2, 3]`` -> ``[2, 3]``: composite prompt sizes, each >= 2, none twice."""
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec or [])
+    out = []
+    for s in items:
+        try:
+            n = int(s)
+        except (TypeError, ValueError):
+            raise DLPError(f"--composite {s}: expected a number of questions per prompt (e.g. 2,3)") from None
+        check(n >= 2 and str(n) == str(s).strip(), f"--composite {s}: expected a whole number >= 2")
+        check(n not in out, f"--composite {s}: given twice")
+        out.append(n)
+    return out
+
+
 # ================================================================================================================
-# Evaluation loop
+# The recipe
 # ================================================================================================================
 
 @dataclasses.dataclass
 class _Sample:
+    """One test question of one task (a per-task row)."""
+
     task: str
     index: int
     question: str
@@ -386,79 +163,187 @@ class _Sample:
     choices: list | None
     budget: int
 
+    @property
+    def prompt(self) -> str:
+        return self.question
 
-def _resolve_tests(data, data_dir) -> list[Path]:
-    check(not (data and data_dir), "eval: give test files (--data) or a folder (--data-dir), not both")
-    if data_dir:
-        return task_files(data_dir)
-    check(bool(data), "eval: no test data (pass --data TEST.json ... or --data-dir DIR)")
-    if isinstance(data, (str, os.PathLike)):
-        data = [data]
-    return [Path(p) for p in data]
+    @property
+    def tasks(self) -> list[str]:
+        return [self.task]
 
 
-def _adapter_info(run_dir) -> tuple[list[str], dict[str, dict]]:
-    """Adapter task names (adapters.txt order) and their dlp_task.json metadata, read without loading a model."""
-    from .lora import read_adapter_list, read_task_meta
+@dataclasses.dataclass
+class _TestSet:
+    """The test files, read once: metric and options per task and the questions not seen in training."""
 
-    dirs = read_adapter_list(run_dir)
-    names, metas = [], {}
-    for d in dirs:
-        meta = read_task_meta(d)
-        names.append(meta["task"])
-        metas[meta["task"]] = meta
-    return names, metas
+    tasks: list                             # TaskData per test file, in the order given
+    metric: dict                            # task -> metric (--metric > the file's metadata > dlp_task.json)
+    choices: dict                           # task -> task-wide MCQ options or None
+    kept: dict                              # task -> its records minus those in the adapter's training file
+    dropped: dict                           # task -> how many were dropped for that reason
 
 
-def _model_from_meta(metas: dict[str, dict]) -> str:
-    """The base model the adapters were trained on (dlp_task.json ``base_model``), else ``default``."""
-    from .models import default_model_dir
+@dataclasses.dataclass
+class _Pipes:
+    """The loaded pipelines: the run's (every system but multitask) and the multitask adapter's."""
 
-    for meta in metas.values():
-        base = meta.get("base_model") or {}
-        p = base.get("name_or_path") if isinstance(base, dict) else None
-        if p and Path(p).is_dir() and (Path(p) / "config.json").is_file():
-            return "default" if Path(p).resolve() == default_model_dir().resolve() else str(p)
-    return "default"
+    main: Any
+    multitask: Any = None
 
 
-def _router_dir(run_dir) -> Path | None:
-    if run_dir is None:
+def evaluate(config: EvalConfig | str | os.PathLike | None = None, *, pipeline=None, multitask_pipeline=None,
+             progress: bool = True, **fields) -> dict:
+    """Evaluate the systems on the same test samples (and composite prompts) and write ``out_dir``.
+
+    ``config``: an :class:`EvalConfig`, or the run folder with the other :class:`EvalConfig` fields as keywords
+    (``evaluate(run, data_dir=..., out_dir=...)``). ``pipeline`` / ``multitask_pipeline``: already loaded
+    pipelines (then the run folder is read only for metadata). Returns the summary (summary.json).
+    """
+    cfg = _make_config(config, fields)
+    started = time.perf_counter()
+    _check_outputs(cfg)
+    run = _open(cfg, pipeline)
+    metas = {m["task"]: m for m in run.metas} if run is not None else {}
+    tests = _read_tests(cfg, metas)
+    names = list(pipeline.names) if pipeline is not None else run.names
+    _check_coverage(cfg, tests, names, run)
+    pipes = _load_pipelines(cfg, run, pipeline, multitask_pipeline)
+    samples, budgets = _samples(cfg, tests, getattr(pipes.main, "tokenizer", None))
+    systems = [s for s in cfg.systems if s not in COMPOSITE_ONLY]
+    outputs, timing = _run_interleaved(systems, pipes, samples, [s.budget for s in samples], cfg, progress)
+    summary, sample_routing = _summary(cfg, run, pipes, tests, samples, systems, outputs, timing, names)
+    summary["composite"], composite_rows = _evaluate_composites(cfg, pipes, tests, budgets, progress)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    _write(cfg, summary, _prediction_rows(samples, systems, outputs, sample_routing), composite_rows)
+    return summary
+
+
+def _make_config(config, fields: dict) -> EvalConfig:
+    if isinstance(config, EvalConfig):
+        return dataclasses.replace(config, **fields) if fields else config
+    if config is not None:
+        check("run_dir" not in fields, "evaluate: the run is given twice (positional and run_dir=)")
+        fields = {**fields, "run_dir": config}
+    return EvalConfig(**fields)
+
+
+def _check_outputs(cfg: EvalConfig) -> None:
+    """Refuse an existing output or a bad results path before any expensive work."""
+    check(bool(cfg.out_dir), "eval: --out is required")
+    if Path(cfg.out_dir).exists() and not cfg.overwrite:
+        raise DLPError(f"{cfg.out_dir}: already exists (pass --overwrite to replace it)")
+    if cfg.results_commands:
+        check(Path(cfg.results_commands).is_file(), f"{cfg.results_commands}: --results-commands file not found")
+    if cfg.results_md:
+        parent = Path(cfg.results_md).resolve().parent
+        check(parent.is_dir(), f"{cfg.results_md}: --results-md folder {parent} not found (or not a folder)")
+        check(not Path(cfg.results_md).is_dir(), f"{cfg.results_md}: --results-md is a folder, expected a Markdown file")
+
+
+def _open(cfg: EvalConfig, pipeline) -> Run | None:
+    """The run (adapters, router, base model) - metadata only when a pipeline is given."""
+    if pipeline is not None and not cfg.run_dir:
         return None
-    r = Path(run_dir)
-    if r.is_file():  # adapters.txt
-        r = r.parent
-    r = r / "router"
-    return r if r.is_dir() else None
+    check(bool(cfg.run_dir), "eval: --run is required")
+    routed = any(s in ROUTED for s in cfg.systems) and pipeline is None
+    run = open_run(cfg.run_dir, router=cfg.router or (None if routed else False), model=cfg.model_spec or None)
+    if routed:
+        run.require_router()
+    return run
 
 
-def _train_questions(meta: dict) -> set[str]:
-    """Questions of the adapter's training file, when dlp_task.json names one that still exists."""
+def _test_files(cfg: EvalConfig) -> list[Path]:
+    check(not (cfg.data and cfg.data_dir), "eval: give test files (--data) or a folder (--data-dir), not both")
+    if cfg.data_dir:
+        return task_files(cfg.data_dir)
+    check(bool(cfg.data), "eval: no test data (pass --data TEST.json ... or --data-dir DIR)")
+    return [Path(p) for p in cfg.data]
+
+
+def _read_tests(cfg: EvalConfig, metas: dict[str, dict]) -> _TestSet:
+    """Read the test files; metric per task: --metric > the file's metadata > the adapter's dlp_task.json."""
+    tasks: list[TaskData] = []
+    seen: dict[str, str] = {}
+    for f in _test_files(cfg):
+        t = read_task(f)
+        if t.name in seen:
+            raise DLPError(f"{f}: field 'task': task {t.name!r} also given by {seen[t.name]}")
+        seen[t.name] = str(f)
+        tasks.append(t)
+    for t in cfg.metrics:
+        check(t in seen, f"--metric {t}={cfg.metrics[t]}: no test file for task {t!r} (tasks: {', '.join(seen)})")
+    ts = _TestSet(tasks, {}, {}, {}, {})
+    for t in tasks:
+        meta = metas.get(t.name, {})
+        m = cfg.metrics.get(t.name, t.metric)
+        # read_task falls back to "exact" when the file says nothing; then the adapter's metadata knows better
+        if t.name not in cfg.metrics and m == "exact" and meta.get("metric") in SCORE_METRICS:
+            m = meta["metric"]
+        ts.metric[t.name] = m
+        ts.choices[t.name] = t.choices or meta.get("choices") or None
+        ts.kept[t.name], dropped = _unseen(t, meta)
+        if dropped is not None:
+            ts.dropped[t.name] = dropped
+    return ts
+
+
+def _unseen(task: TaskData, meta: dict) -> tuple[list, int | None]:
+    """Leakage guard: the records whose question is not in the adapter's training file (``dlp_task.json``
+    ``data_file``, when it still exists), and how many were dropped (None when there is no such file)."""
     f = meta.get("data_file")
-    if not f or not Path(f).is_file():
-        return set()
-    try:
-        return {r.question.strip() for r in read_task(f).records}
-    except DLPError:
-        return set()
-
-
-def _run_info(run_dir, metas: dict[str, dict]) -> dict:
-    """How the run was built, for the report: per adapter the training steps and loss (dlp_task.json) and the
-    router's own held-out accuracy (router/metrics.json), when present."""
-    adapters = {}
-    for name, m in metas.items():
-        adapters[name] = {k: m.get(k) for k in ("steps", "loss_start", "loss_end", "train_seconds", "records_used")
-                          if m.get(k) is not None}
-    router = None
-    rd = _router_dir(run_dir)
-    if rd is not None and (rd / "metrics.json").is_file():
+    train_q: set[str] = set()
+    if f and Path(f).is_file():
         try:
-            mt = json.loads((rd / "metrics.json").read_text(encoding="utf-8"))
-            router = {k: mt.get(k) for k in ("kind", "params", "val_accuracy", "test_accuracy") if k in mt}
-        except (OSError, ValueError):
-            router = None
-    return {"adapters": adapters, "router": router}
+            train_q = {r.question.strip() for r in read_task(f).records}
+        except DLPError:
+            train_q = set()
+    if not train_q:
+        return list(task.records), None
+    kept = [r for r in task.records if r.question.strip() not in train_q]
+    check(len(kept) > 0, f"{task.path}: every test question of task {task.name!r} is in the adapter's training "
+                         f"file {f} (empty test set)")
+    return kept, len(task.records) - len(kept)
+
+
+def _check_coverage(cfg: EvalConfig, tests: _TestSet, names: list[str], run: Run | None) -> None:
+    """Systems that use a task's adapter or route to it need that adapter in the run."""
+    check(len(names) > 0, f"{cfg.run_dir}: no adapters")
+    need = [s for s in cfg.systems if s in ORACLE + ROUTED]
+    for t in tests.tasks if need else []:
+        check(t.name in names, f"{t.path}: task {t.name!r} has no adapter in {cfg.run_dir} (adapters: "
+                               f"{', '.join(names)}); systems {'/'.join(need)} need one")
+
+
+def _multitask_dir(cfg: EvalConfig, run: Run | None) -> Path:
+    if cfg.multitask_adapter:
+        return Path(cfg.multitask_adapter)
+    d = run.root / MULTITASK_DIR if run is not None and run.root is not None else None
+    check(d is not None and d.is_dir(), f"{cfg.run_dir}: no {MULTITASK_DIR}/ adapter for the multitask system (train "
+                                        "one with dlp-lora train-lora --multitask, or pass --multitask-adapter DIR)")
+    return d
+
+
+def _load_pipelines(cfg: EvalConfig, run: Run | None, pipeline, multitask_pipeline) -> _Pipes:
+    """The run's pipeline and, for ``multitask``, the multitask adapter fused alone into its own copy of the
+    base model (the run's router labels must match the run's adapters, so it cannot join that pipeline)."""
+    from .pipeline import DLPPipeline
+
+    mt_run = None
+    if "multitask" in cfg.systems and multitask_pipeline is None:   # check the folder before loading models
+        base = run.base_model if run is not None else (cfg.model_spec or None)
+        mt_run = open_run([_multitask_dir(cfg, run)], router=False, model=base)
+    main = pipeline
+    if main is None:
+        main = DLPPipeline.from_run(run, device=cfg.device or None, dtype=cfg.dtype)
+        check(list(main.names) == run.names, f"{cfg.run_dir}: adapters loaded {list(main.names)} differ from "
+                                             f"adapters.txt {run.names}")
+    if any(s in ROUTED for s in cfg.systems):
+        check(getattr(main, "router", None) is not None, f"{cfg.run_dir}: the pipeline has no router; "
+                                                         f"{'/'.join(s for s in cfg.systems if s in ROUTED)} need one")
+    mt = multitask_pipeline
+    if mt_run is not None:
+        mt = DLPPipeline.from_run(mt_run, device=cfg.device or None, dtype=cfg.dtype)
+    return _Pipes(main, mt)
 
 
 def _token_len(tokenizer, text: str) -> int:
@@ -468,27 +353,202 @@ def _token_len(tokenizer, text: str) -> int:
         return len(text.split())
 
 
+def _samples(cfg: EvalConfig, tests: _TestSet, tokenizer) -> tuple[list[_Sample], dict[str, int]]:
+    """The per-task samples (the first ``limit`` unseen questions of each task) and each task's token budget:
+    ``min(max_new_tokens, longest reference + 16)`` with ``auto_budget``, else ``max_new_tokens``."""
+    samples: list[_Sample] = []
+    budgets: dict[str, int] = {}
+    for t in tests.tasks:
+        recs = tests.kept[t.name][: cfg.limit] if cfg.limit else tests.kept[t.name]
+        budget = cfg.max_new_tokens
+        if cfg.auto_budget:
+            budget = min(cfg.max_new_tokens, max(16, max(_token_len(tokenizer, r.answer) for r in recs) + 16))
+        budgets[t.name] = budget
+        for i, r in enumerate(recs):
+            samples.append(_Sample(t.name, i, r.question, r.answer, tests.metric[t.name],
+                                   list(r.choices) if r.choices else tests.choices[t.name], budget))
+    check(len(samples) > 0, "eval: empty test set")
+    return samples, budgets
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+def _one_hot(names: list[str], tasks: Sequence[str]):
+    import torch
+
+    w = torch.zeros(len(tasks), len(names))
+    for j, t in enumerate(tasks):
+        w[j, names.index(t)] = 1.0
+    return w
+
+
+def _mixture(system: str, pipe, rows: Sequence, selection: SelectionConfig):
+    """``(selection, weights)`` of one system for one batch; ``weights=None`` lets the router decide."""
+    import torch
+
+    n, names = len(rows), list(pipe.names)
+    if system in ("dlp", "dlp-sentence", "dlp-segment"):
+        return selection.replace(granularity=_SYSTEM_GRANULARITY.get(system, selection.granularity)), None
+    forced = selection.replace(granularity="prompt")   # forced mixtures: no sentence splitting needed
+    if system == "base":
+        return forced, torch.zeros(n, len(names))
+    if system == "uniform":
+        return forced, torch.full((n, len(names)), 1.0 / len(names))
+    if system == "multitask":                          # its pipeline holds the multitask adapter only
+        return forced, torch.ones(n, len(names))
+    if system == "single":
+        return forced, _one_hot(names, [r.tasks[0] for r in rows])
+    if system == "top1":                               # routed on the whole prompt, like dlp
+        probs, _ = pipe.route([r.prompt for r in rows], forced)
+        return forced, _one_hot(names, [names[i] for i in probs.argmax(-1).tolist()])
+    if system == "oracle-segment":
+        return _oracle_segments(pipe, rows, selection)
+    raise DLPError(f"systems: unknown system {system!r}")
+
+
+def _oracle_segments(pipe, rows: Sequence, selection: SelectionConfig):
+    """Segment granularity with each question's true task forced as its segment's mixture."""
+    raise DLPError("oracle-segment: the pipeline has no per-segment forced weights yet")
+
+
+def _generate(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig) -> list:
+    pipe = pipes.multitask if system == "multitask" else pipes.main
+    selection, weights = _mixture(system, pipe, rows, cfg.selection)
+    res = pipe.generate([r.prompt for r in rows], selection, weights=weights, max_new_tokens=list(budgets),
+                        temperature=0.0, chat=True, batch_size=len(rows))
+    check(len(res) == len(rows), f"pipeline returned {len(res)} results for {len(rows)} prompts")
+    return res
+
+
+def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
+                     progress: bool, what: str = "eval") -> tuple[dict, dict]:
+    """Every row through every system, batch by batch, the systems taking turns (the first one rotating, so no
+    system always runs on a cold cache). Returns outputs and timing per system."""
+    from tqdm.auto import tqdm
+
+    outputs: dict[str, list] = {s: [None] * len(rows) for s in systems}
+    timing = {s: {"seconds": 0.0, "completion_tokens": 0, "prompt_tokens": 0} for s in systems}
+    warm = rows[: cfg.batch_size]
+    for system in systems:   # lazy init and allocator warm-up, so the first timed batch is not penalised
+        _generate(system, pipes, warm, [2] * len(warm), cfg)
+    bars = {s: tqdm(total=len(rows), desc=f"{what} {s}", position=i, leave=True, disable=not progress,
+                    file=sys.stderr) for i, s in enumerate(systems)}
+    try:
+        for b, start in enumerate(range(0, len(rows), cfg.batch_size)):
+            batch, bud = rows[start: start + cfg.batch_size], budgets[start: start + cfg.batch_size]
+            k = b % max(1, len(systems))
+            for system in systems[k:] + systems[:k]:
+                t0 = time.perf_counter()
+                res = _generate(system, pipes, batch, bud, cfg)
+                timing[system]["seconds"] += time.perf_counter() - t0
+                for j, r in enumerate(res):
+                    outputs[system][start + j] = r
+                    timing[system]["completion_tokens"] += int(getattr(r, "completion_tokens", 0) or 0)
+                    timing[system]["prompt_tokens"] += int(getattr(r, "prompt_tokens", 0) or 0)
+                bars[system].update(len(batch))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return outputs, timing
+
+
+# ---- composite prompts -----------------------------------------------------------------------------------------
+
+def _composite_pools(tests: _TestSet) -> dict[str, list[CompositeItem]]:
+    """Every unseen test question of every task (not only the first ``limit``), ready to be scored."""
+    pools = {}
+    for t in tests.tasks:
+        pools[t.name] = [CompositeItem(t.name, r.question, r.answer, tests.metric[t.name],
+                                       tuple(r.choices or tests.choices[t.name] or ()) or None)
+                         for r in tests.kept[t.name]]
+    return pools
+
+
+def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budgets: dict[str, int],
+                         progress: bool) -> tuple[dict, list[dict]]:
+    """Per composite size N: ``composite_n`` prompts (fixed seed), every composite system interleaved as in the
+    per-task loop; a prompt's token budget is the sum of its questions' task budgets."""
+    systems = [s for s in cfg.systems if s not in PER_TASK_ONLY]
+    skipped = {s: "needs one true task per prompt" for s in cfg.systems if s in PER_TASK_ONLY}
+    report: dict[str, dict] = {}
+    rows: list[dict] = []
+    pools = _composite_pools(tests) if cfg.composite else {}
+    for n in cfg.composite:
+        prompts = build_composites(pools, n, cfg.composite_n, cfg.seed)
+        bud = [sum(budgets[t] for t in p.tasks) for p in prompts]
+        outputs, timing = _run_interleaved(systems, pipes, prompts, bud, cfg, progress, what=f"composite-{n}")
+        scored = {s: [score_composite(outputs[s][i].text, p) for i, p in enumerate(prompts)] for s in systems}
+        report[str(n)] = {
+            "prompts": len(prompts), "skipped": skipped,
+            "scores": {s: {**composite_figures(scored[s]),
+                           "seconds_per_prompt": timing[s]["seconds"] / len(prompts),
+                           "completion_tokens": timing[s]["completion_tokens"]} for s in systems}}
+        rows.extend(_composite_row(n, p, systems, outputs, scored, i) for i, p in enumerate(prompts))
+    return report, rows
+
+
+def _composite_row(n: int, p: CompositePrompt, systems: list[str], outputs: dict, scored: dict, i: int) -> dict:
+    return {"n": n, "index": p.index, "prompt": p.prompt,
+            "items": [{"task": it.task, "question": it.question, "reference": it.reference, "metric": it.metric}
+                      for it in p.items],
+            "outputs": {s: outputs[s][i].text for s in systems},
+            "answers": {s: scored[s][i].answers for s in systems},
+            "scores": {s: scored[s][i].scores for s in systems},
+            "all_correct": {s: scored[s][i].all_correct for s in systems},
+            "routing": {s: _routing_of(outputs[s][i]) for s in systems if s in ROUTED}}
+
+
+# ---- scores, routing, timing -----------------------------------------------------------------------------------
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _score_tasks(tests: _TestSet, samples: list[_Sample], systems: list[str], outputs: dict) -> dict:
+    """Per task and system: the task's figures in points (metrics.task_scores)."""
+    per_task: dict[str, dict[str, dict]] = {}
+    for t in tests.tasks:
+        idx = [i for i, s in enumerate(samples) if s.task == t.name]
+        per_task[t.name] = {
+            system: task_scores(tests.metric[t.name], [outputs[system][i].text for i in idx],
+                                [samples[i].reference for i in idx], [samples[i].choices for i in idx])
+            for system in systems}
+    return per_task
+
+
+def _averages(tests: _TestSet, per_task: dict, systems: list[str]) -> dict:
+    """Per system: the mean task score over MCQ tasks, QA tasks and all tasks (the paper's table columns), and
+    the mean BLEU / ROUGE over the text tasks."""
+    group = {"mcq": [t for t, m in tests.metric.items() if m == "accuracy"],
+             "qa": [t for t, m in tests.metric.items() if m != "accuracy"], "overall": list(per_task)}
+    text = [t for t, m in tests.metric.items() if m in TEXT_METRICS]
+    averages: dict[str, dict] = {}
+    for system in systems:
+        a: dict[str, Any] = {g: _mean([per_task[t][system]["score"] for t in ts]) for g, ts in group.items()}
+        for k in ("bleu", *ROUGE_TYPES):
+            a[f"qa_{k}"] = _mean([per_task[t][system][k] for t in text])
+        averages[system] = a
+    return averages
+
+
 def _routing_of(result) -> list[dict]:
-    r = getattr(result, "routing", None) or []
-    return [dict(e) for e in r]
+    return [dict(e) for e in (getattr(result, "routing", None) or [])]
 
 
 def _routing_stats(entries: list[dict], names: list[str], true_task: str) -> dict:
     """Per-sample routing figures from the pipeline's routing entries (one per routed sentence): the top-1
-    task of the mean probabilities over the prompt's sentences, and over every routed sentence the mean number of
-    selected adapters and the mean weight on the true task."""
+    task of the mean probabilities over the prompt's sentences (the paper's router accuracy), and over every
+    routed sentence (generated ones included) the mean number of selected adapters and the mean weight on the
+    true task."""
     entries = [e for e in entries if e.get("source") != "forced"]
     if not entries:
         return {"top1": None, "selected": 0.0, "true_weight": 0.0}
-    # top-1 on the input (the paper's router accuracy): the prompt's sentences; selection figures: every routed
-    # sentence, generated ones included (granularity="sentence" re-routes while generating)
     on_prompt = [e for e in entries if e.get("source", "prompt") == "prompt"] or entries
     probs = {n: 0.0 for n in names}
-    sel = 0.0
-    tw = 0.0
     for e in on_prompt:
         for k, v in (e.get("probs") or {}).items():
             probs[k] = probs.get(k, 0.0) + float(v) / len(on_prompt)
+    sel = tw = 0.0
     for e in entries:
         selected = list(e.get("selected") or [])
         weights = [float(w) for w in (e.get("weights") or [])]
@@ -499,349 +559,220 @@ def _routing_stats(entries: list[dict], names: list[str], true_task: str) -> dic
     return {"top1": top1, "selected": sel, "true_weight": tw}
 
 
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def evaluate(run_dir=None, data=None, data_dir=None, out_dir=None, systems: Sequence[str] | str = SYSTEMS,
-             limit: int | None = None, top_p: float = 0.8, weighting: str = "paper", granularity: str = "prompt",
-             model_spec: str | None = None, max_new_tokens: int = 64, batch_size: int = 8,
-             metrics: dict | Iterable[str] | None = None, auto_budget: bool = True, overwrite: bool = False,
-             progress: bool = True, device: str | None = None, dtype: str = "auto", pipeline=None,
-             results_md: str | os.PathLike | None = None, results_commands: str | os.PathLike | None = None,
-             command: str | None = None) -> dict:
-    """Evaluate ``systems`` on the same test samples and write ``out_dir`` (see the module doc).
-
-    ``run_dir``: the run folder (``adapters.txt`` + ``router/``) or an adapters.txt. ``data``: test files (task
-    names must match adapter task names), or ``data_dir``: a folder of them. ``limit``: first N samples per
-    task. ``pipeline``: an already loaded :class:`DLPPipeline` (then ``run_dir`` is only used for metadata).
-    ``results_md``: also write/replace this run's section of a RESULTS.md (with ``command`` and the text of
-    ``results_commands``, e.g. the script that built the run). Returns the summary dict (summary.json).
-    """
-    check(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be >= 1, got {limit!r}")
-    cfg = EvalConfig(systems=parse_systems(systems), limit=int(limit or 0), top_p=float(top_p), weighting=weighting,
-                     granularity=granularity, model_spec=str(model_spec or ""), max_new_tokens=int(max_new_tokens),
-                     auto_budget=bool(auto_budget), batch_size=int(batch_size), metrics=parse_metric_overrides(metrics))
-    check(out_dir is not None, "eval: --out is required")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # refuse before any expensive work
-        raise DLPError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    check(run_dir is not None or pipeline is not None, "eval: --run is required")
-    if results_commands is not None:
-        check(Path(results_commands).is_file(), f"{results_commands}: --results-commands file not found")
-    if results_md is not None:  # check before the expensive work, not after it
-        parent = Path(results_md).resolve().parent
-        check(parent.is_dir(), f"{results_md}: --results-md folder {parent} not found (or not a folder)")
-        check(not Path(results_md).is_dir(), f"{results_md}: --results-md is a folder, expected a Markdown file")
-
-    # ---- test data --------------------------------------------------------------------------------------------
-    files = _resolve_tests(data, data_dir)
-    tasks: list[TaskData] = []
-    seen: dict[str, str] = {}
-    for f in files:
-        t = read_task(f)
-        if t.name in seen:
-            raise DLPError(f"{f}: field 'task': task {t.name!r} also given by {seen[t.name]}")
-        seen[t.name] = str(f)
-        tasks.append(t)
-    for t in cfg.metrics:
-        check(t in seen, f"--metric {t}={cfg.metrics[t]}: no test file for task {t!r} (tasks: {', '.join(seen)})")
-
-    # ---- adapters / router --------------------------------------------------------------------------------------
-    if pipeline is not None:
-        names = list(pipeline.names)
-        metas: dict[str, dict] = {}
-        if run_dir is not None:  # metadata (metric, choices, base model) when the run folder has it
-            try:
-                metas = _adapter_info(run_dir)[1]
-            except DLPError:
-                metas = {}
-    else:
-        names, metas = _adapter_info(run_dir)
-    check(len(names) > 0, f"{run_dir}: no adapters")
-    need_adapter = [s for s in cfg.systems if s in ("single", "dlp")]
-    if need_adapter:
-        for t in tasks:
-            check(t.name in names, f"{t.path}: task {t.name!r} has no adapter in {run_dir} (adapters: "
-                                   f"{', '.join(names)}); systems {'/'.join(need_adapter)} need one")
-    router_dir = _router_dir(run_dir)
-    if "dlp" in cfg.systems and pipeline is None:
-        check(router_dir is not None, f"{run_dir}: no router/ folder (train one with dlp-lora train-router, "
-                                      f"or drop 'dlp' from --systems)")
-
-    # metric per task: --metric override > the test file's metadata > the adapter's dlp_task.json
-    task_metric: dict[str, str] = {}
-    task_choices: dict[str, list | None] = {}
-    for t in tasks:
-        meta = metas.get(t.name, {})
-        m = cfg.metrics.get(t.name)
-        if m is None:
-            m = t.metric
-            # read_task falls back to "exact" when the file says nothing; then trust the adapter's metadata
-            if m == "exact" and meta.get("metric") in SCORE_METRICS:
-                m = meta["metric"]
-        task_metric[t.name] = m
-        task_choices[t.name] = t.choices or meta.get("choices") or None
-
-    # ---- model -------------------------------------------------------------------------------------------------
-    if pipeline is None:
-        from .pipeline import DLPPipeline
-
-        spec = cfg.model_spec or _model_from_meta(metas)
-        cfg.model_spec = spec
-        pipeline = DLPPipeline.from_pretrained(spec, adapters=run_dir,
-                                               router=router_dir if "dlp" in cfg.systems else None,
-                                               device=device, dtype=dtype)
-        check(list(pipeline.names) == names, f"{run_dir}: adapters loaded {list(pipeline.names)} differ from adapters.txt {names}")
-    if "dlp" in cfg.systems:
-        check(getattr(pipeline, "router", None) is not None, f"{run_dir}: the pipeline has no router; 'dlp' needs one")
-    tok = getattr(pipeline, "tokenizer", None)
-
-    # ---- samples (the same for every system) -------------------------------------------------------------------
-    # Leakage guard: a test question that is also in the adapter's training file (dlp_task.json data_file) is
-    # dropped and counted, so scores are never measured on training questions.
-    seen_in_train: dict[str, int] = {}
-    samples: list[_Sample] = []
-    for t in tasks:
-        recs = t.records
-        train_q = _train_questions(metas.get(t.name, {}))
-        if train_q:
-            kept = [r for r in recs if r.question.strip() not in train_q]
-            seen_in_train[t.name] = len(recs) - len(kept)
-            check(len(kept) > 0, f"{t.path}: every test question of task {t.name!r} is in the adapter's training "
-                                 f"file {metas[t.name].get('data_file')} (empty test set)")
-            recs = kept
-        recs = recs[: cfg.limit] if cfg.limit else recs
-        budget = cfg.max_new_tokens
-        if cfg.auto_budget:
-            longest = max(_token_len(tok, r.answer) for r in recs)
-            budget = min(cfg.max_new_tokens, max(16, longest + 16))
-        for i, r in enumerate(recs):
-            samples.append(_Sample(t.name, i, r.question, r.answer, task_metric[t.name],
-                                   list(r.choices) if r.choices else task_choices[t.name], budget))
-    check(len(samples) > 0, "eval: empty test set")
-
-    import torch
-
-    n_ad = len(names)
+def _routing_report(samples: list[_Sample], results: list, names: list[str], system: str,
+                    selection: SelectionConfig) -> tuple[dict, list[dict]]:
+    """Routing accuracy (top-1 on the prompt == true task), mean selected adapters, mean weight on the true
+    task - overall and per task - and the confusion matrix; plus each sample's own figures."""
     index = {n: i for i, n in enumerate(names)}
+    conf = [[0] * len(names) for _ in names]
+    per: dict[str, dict[str, list]] = {}
+    rows = []
+    for s, res in zip(samples, results):
+        entries = _routing_of(res)
+        st = _routing_stats(entries, names, s.task)
+        rows.append({"top1": st["top1"], "n_selected": st["selected"], "true_weight": st["true_weight"],
+                     "entries": entries})
+        d = per.setdefault(s.task, {"correct": [], "selected": [], "true_weight": []})
+        for k, v in (("correct", float(st["top1"] == s.task)), ("selected", st["selected"]),
+                     ("true_weight", st["true_weight"])):
+            d[k].append(v)
+        if s.task in index and st["top1"] in index:
+            conf[index[s.task]][index[st["top1"]]] += 1
+    every = {k: [v for d in per.values() for v in d[k]] for k in ("correct", "selected", "true_weight")}
+    report = {"system": system, "accuracy": 100.0 * _mean(every["correct"]), "mean_selected": _mean(every["selected"]),
+              "mean_true_weight": _mean(every["true_weight"]),
+              "per_task": {t: {"accuracy": 100.0 * _mean(d["correct"]), "mean_selected": _mean(d["selected"]),
+                               "mean_true_weight": _mean(d["true_weight"])} for t, d in per.items()},
+              "confusion": {"labels": names, "rows": "true task", "columns": "top-1 routed task", "matrix": conf},
+              **selection.to_json()}
+    return report, rows
 
-    def weights_for(system: str, batch: list[_Sample]):
-        if system == "base":
-            return torch.zeros(len(batch), n_ad)
-        if system == "uniform":
-            return torch.full((len(batch), n_ad), 1.0 / n_ad)
-        if system == "single":
-            w = torch.zeros(len(batch), n_ad)
-            for j, s in enumerate(batch):
-                w[j, index[s.task]] = 1.0
-            return w
-        return None  # dlp: routed
 
-    def run_system(system: str, batch: list[_Sample], budgets: list[int]):
-        kw: dict[str, Any] = dict(weights=weights_for(system, batch), max_new_tokens=budgets, temperature=0.0,
-                                  chat=True, batch_size=len(batch))
-        if system == "dlp":
-            kw.update(top_p=cfg.top_p, weighting=cfg.weighting, granularity=cfg.granularity)
-        else:
-            kw.update(granularity="prompt")
-        return pipeline.generate([s.question for s in batch], **kw)
-
-    # warm-up (lazy init, allocator) so the first timed batch is not penalised; not timed, not scored
-    warm = samples[: min(len(samples), cfg.batch_size)]
-    for system in cfg.systems:
-        run_system(system, warm, [2] * len(warm))
-
-    from tqdm.auto import tqdm
-
-    bars = {s: tqdm(total=len(samples), desc=f"eval {s}", position=i, leave=True, disable=not progress,
-                    file=sys.stderr)
-            for i, s in enumerate(cfg.systems)}
-    outputs: dict[str, list] = {s: [None] * len(samples) for s in cfg.systems}
-    timing = {s: {"seconds": 0.0, "completion_tokens": 0, "prompt_tokens": 0} for s in cfg.systems}
-    try:
-        for b, start in enumerate(range(0, len(samples), cfg.batch_size)):
-            batch = samples[start: start + cfg.batch_size]
-            budgets = [s.budget for s in batch]
-            k = b % len(cfg.systems)  # rotate which system goes first so no system always runs on a cold cache
-            for system in cfg.systems[k:] + cfg.systems[:k]:
-                t0 = time.perf_counter()
-                res = run_system(system, batch, budgets)
-                dt = time.perf_counter() - t0
-                check(len(res) == len(batch), f"pipeline returned {len(res)} results for {len(batch)} prompts")
-                timing[system]["seconds"] += dt
-                for j, r in enumerate(res):
-                    outputs[system][start + j] = r
-                    timing[system]["completion_tokens"] += int(getattr(r, "completion_tokens", 0) or 0)
-                    timing[system]["prompt_tokens"] += int(getattr(r, "prompt_tokens", 0) or 0)
-                bars[system].update(len(batch))
-    finally:
-        for bar in bars.values():
-            bar.close()
-
-    # ---- scores ------------------------------------------------------------------------------------------------
-    per_task: dict[str, dict[str, dict]] = {}
-    for t in tasks:
-        idx = [i for i, s in enumerate(samples) if s.task == t.name]
-        per_task[t.name] = {}
-        for system in cfg.systems:
-            preds = [outputs[system][i].text for i in idx]
-            refs = [samples[i].reference for i in idx]
-            ch = [samples[i].choices for i in idx]
-            per_task[t.name][system] = task_scores(task_metric[t.name], preds, refs, ch)
-    sample_scores = {s: [score(x.metric, outputs[s][i].text, x.reference, x.choices) for i, x in enumerate(samples)]
-                     for s in cfg.systems}
-
-    def group(metric_ok: Callable[[str], bool]) -> list[str]:
-        return [t.name for t in tasks if metric_ok(task_metric[t.name])]
-
-    mcq = group(lambda m: m == "accuracy")
-    qa = group(lambda m: m != "accuracy")
-    text_qa = group(lambda m: m in ("bleu", "bleu_rouge", *ROUGE_TYPES))
-    averages: dict[str, dict] = {}
-    for system in cfg.systems:
-        a: dict[str, Any] = {
-            "mcq": _mean([per_task[t][system]["score"] for t in mcq]),
-            "qa": _mean([per_task[t][system]["score"] for t in qa]),
-            "overall": _mean([per_task[t][system]["score"] for t in per_task]),
-        }
-        for k in ("bleu", *ROUGE_TYPES):
-            a[f"qa_{k}"] = _mean([per_task[t][system][k] for t in text_qa])
-        averages[system] = a
-
-    # ---- routing report ----------------------------------------------------------------------------------------
-    routing: dict[str, Any] | None = None
-    sample_routing: list[dict] = [{} for _ in samples]
-    if "dlp" in cfg.systems:
-        conf = [[0] * n_ad for _ in names]
-        per: dict[str, dict[str, list]] = {}
-        for i, s in enumerate(samples):
-            entries = _routing_of(outputs["dlp"][i])
-            st = _routing_stats(entries, names, s.task)
-            sample_routing[i] = {"top1": st["top1"], "n_selected": st["selected"], "true_weight": st["true_weight"],
-                                 "entries": entries}
-            d = per.setdefault(s.task, {"correct": [], "selected": [], "true_weight": []})
-            d["correct"].append(float(st["top1"] == s.task))
-            d["selected"].append(st["selected"])
-            d["true_weight"].append(st["true_weight"])
-            if s.task in index and st["top1"] in index:
-                conf[index[s.task]][index[st["top1"]]] += 1
-        allc = [c for d in per.values() for c in d["correct"]]
-        routing = {
-            "accuracy": 100.0 * _mean(allc),
-            "mean_selected": _mean([c for d in per.values() for c in d["selected"]]),
-            "mean_true_weight": _mean([c for d in per.values() for c in d["true_weight"]]),
-            "per_task": {t: {"accuracy": 100.0 * _mean(d["correct"]), "mean_selected": _mean(d["selected"]),
-                             "mean_true_weight": _mean(d["true_weight"])} for t, d in per.items()},
-            "confusion": {"labels": names, "rows": "true task", "columns": "top-1 routed task", "matrix": conf},
-            "top_p": cfg.top_p, "weighting": cfg.weighting, "granularity": cfg.granularity,
-        }
-
-    # ---- timing ------------------------------------------------------------------------------------------------
-    n = len(samples)
-    for system, tm in timing.items():
+def _timing_report(timing: dict, n: int) -> dict:
+    """Seconds per sample, tokens per second, time per generated token and their ratios to base and single."""
+    for tm in timing.values():
         tm["samples"] = n
         tm["seconds_per_sample"] = tm["seconds"] / n
         tm["tokens_per_s"] = tm["completion_tokens"] / tm["seconds"] if tm["seconds"] > 0 else None
         tm["seconds_per_token"] = tm["seconds"] / tm["completion_tokens"] if tm["completion_tokens"] else None
-    for system, tm in timing.items():
+    for tm in timing.values():
         for ref in ("base", "single"):
             if ref in timing:
                 r = timing[ref]
                 tm[f"ratio_to_{ref}"] = tm["seconds_per_sample"] / r["seconds_per_sample"] if r["seconds_per_sample"] else None
                 tm[f"token_ratio_to_{ref}"] = (tm["seconds_per_token"] / r["seconds_per_token"]
                                                if tm["seconds_per_token"] and r["seconds_per_token"] else None)
+    return timing
 
-    # ---- target check (issue: DLP-LoRA within 0.5 points of single on average, above uniform and base) --------
-    target = None
-    if "dlp" in averages:
-        d = averages["dlp"]["overall"]
-        target = {"dlp_overall": d}
-        for other in ("single", "uniform", "base"):
-            if other in averages:
-                target[f"dlp_minus_{other}"] = d - averages[other]["overall"]
-        checks = []
-        if "single" in averages:
-            checks.append(target["dlp_minus_single"] >= -0.5)
-        for other in ("uniform", "base"):
-            if other in averages:
+
+def _target(averages: dict) -> dict | None:
+    """The quality target: DLP-LoRA within 0.5 points of single on average, above uniform and above base."""
+    if "dlp" not in averages:
+        return None
+    d = averages["dlp"]["overall"]
+    target: dict[str, Any] = {"dlp_overall": d}
+    checks = []
+    for other in ("single", "uniform", "base", "top1", "multitask", "dlp-sentence"):
+        if other in averages:
+            target[f"dlp_minus_{other}"] = d - averages[other]["overall"]
+            if other == "single":
+                checks.append(target[f"dlp_minus_{other}"] >= -0.5)
+            elif other in ("uniform", "base"):
                 checks.append(target[f"dlp_minus_{other}"] > 0)
-        target["met"] = bool(checks) and all(checks)
+    target["met"] = bool(checks) and all(checks)
+    return target
 
-    try:
-        model_id = pipeline_model_identity(pipeline)
-    except Exception:
-        model_id = {}
-    summary = {
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "run": str(run_dir) if run_dir is not None else None,
-        "model": cfg.model_spec or None,
-        "model_identity": model_id,
-        "adapters": names,
-        "systems": cfg.systems,
-        "n_samples": n,
-        "dropped_seen_in_training": seen_in_train,
-        "run_info": _run_info(run_dir, metas),
-        "tasks": [{"task": t.name, "file": str(Path(t.path).resolve()) if t.path else "", "metric": task_metric[t.name],
-                   "n": sum(1 for s in samples if s.task == t.name), "has_adapter": t.name in index,
-                   "group": "mcq" if task_metric[t.name] == "accuracy" else "qa"} for t in tasks],
-        "per_task": per_task,
-        "averages": averages,
-        "routing": routing,
-        "timing": timing,
-        "target": target,
-        "command": command,
-        "config": dataclasses.asdict(cfg),
-    }
 
-    # ---- write TestOutputs/<name>/ atomically ------------------------------------------------------------------
-    md = summary_markdown(summary)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for i, s in enumerate(samples):
-                row = {"task": s.task, "index": s.index, "prompt": s.question, "reference": s.reference,
-                       "metric": s.metric, "choices": s.choices,
-                       "outputs": {sy: outputs[sy][i].text for sy in cfg.systems},
-                       "scores": {sy: sample_scores[sy][i] for sy in cfg.systems},
-                       "completion_tokens": {sy: getattr(outputs[sy][i], "completion_tokens", None) for sy in cfg.systems},
-                       "finish_reason": {sy: getattr(outputs[sy][i], "finish_reason", None) for sy in cfg.systems},
-                       "routing": sample_routing[i] if routing is not None else None}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        atomic_write_json(tmp / "summary.json", summary)
-        atomic_write_text(tmp / "summary.md", md)
-        atomic_write_json(tmp / "config.json", dataclasses.asdict(cfg))
-        _plots(summary, tmp / "plots")
-    if results_md:
-        write_results_md(results_md, out_dir, summary, md, results_commands)
-    return summary
+# ---- summary and files -----------------------------------------------------------------------------------------
+
+def _run_info(run: Run | None) -> dict:
+    """How the run was built, for the report: per adapter the training steps and loss (dlp_task.json) and the
+    router's own held-out accuracy and training time (router/metrics.json), when present."""
+    if run is None:
+        return {"adapters": {}, "router": None}
+    keys = ("steps", "loss_start", "loss_end", "train_seconds", "records_used")
+    adapters = {m["task"]: {k: m.get(k) for k in keys if m.get(k) is not None} for m in run.metas}
+    router = None
+    rd = run.router_dir if run.router_dir is not None else (run.root / "router" if run.root is not None else None)
+    if rd is not None and (rd / "metrics.json").is_file():
+        try:
+            mt = json.loads((rd / "metrics.json").read_text(encoding="utf-8"))
+            router = {k: mt.get(k) for k in ("kind", "params", "val_accuracy", "test_accuracy", "train_seconds")
+                      if k in mt}
+        except (OSError, ValueError):
+            router = None
+    return {"adapters": adapters, "router": router}
 
 
 def pipeline_model_identity(pipeline) -> dict:
     from .models import model_identity
 
-    return model_identity(pipeline.model)
+    try:
+        return model_identity(pipeline.model)
+    except Exception:  # a fake pipeline (tests) has no model to describe
+        return {}
+
+
+def _summary(cfg: EvalConfig, run: Run | None, pipes: _Pipes, tests: _TestSet, samples: list[_Sample],
+             systems: list[str], outputs: dict, timing: dict, names: list[str]) -> tuple[dict, list | None]:
+    """summary.json without the composite part, and each sample's routing figures (None without a routed
+    system)."""
+    per_task = _score_tasks(tests, samples, systems, outputs)
+    averages = _averages(tests, per_task, systems)
+    routed = next((s for s in MIXTURE_REPORTED if s in systems), None)
+    routing = sample_routing = None
+    if routed is not None:
+        sel = cfg.selection.replace(granularity=_SYSTEM_GRANULARITY.get(routed, cfg.selection.granularity))
+        routing, sample_routing = _routing_report(samples, outputs[routed], names, routed, sel)
+    summary = {
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run": str(run.root or cfg.run_dir) if run is not None else (cfg.run_dir or None),
+        "model": run.base_model if run is not None else (cfg.model_spec or None),
+        "model_identity": pipeline_model_identity(pipes.main),
+        "adapters": names, "systems": systems, "n_samples": len(samples),
+        "dropped_seen_in_training": tests.dropped, "run_info": _run_info(run),
+        "tasks": [{"task": t.name, "file": str(Path(t.path).resolve()) if t.path else "", "metric": tests.metric[t.name],
+                   "n": sum(1 for s in samples if s.task == t.name), "has_adapter": t.name in names,
+                   "group": "mcq" if tests.metric[t.name] == "accuracy" else "qa"} for t in tests.tasks],
+        "per_task": per_task, "averages": averages, "routing": routing,
+        "timing": _timing_report(timing, len(samples)), "target": _target(averages),
+        "command": cfg.command, "config": dataclasses.asdict(cfg),
+    }
+    return summary, sample_routing
+
+
+def _prediction_rows(samples: list[_Sample], systems: list[str], outputs: dict, sample_routing: list | None) -> list[dict]:
+    rows = []
+    for i, s in enumerate(samples):
+        rows.append({"task": s.task, "index": s.index, "prompt": s.question, "reference": s.reference,
+                     "metric": s.metric, "choices": s.choices,
+                     "outputs": {sy: outputs[sy][i].text for sy in systems},
+                     "scores": {sy: score(s.metric, outputs[sy][i].text, s.reference, s.choices) for sy in systems},
+                     "completion_tokens": {sy: getattr(outputs[sy][i], "completion_tokens", None) for sy in systems},
+                     "finish_reason": {sy: getattr(outputs[sy][i], "finish_reason", None) for sy in systems},
+                     "routing": sample_routing[i] if sample_routing is not None else None})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write(cfg: EvalConfig, summary: dict, rows: list[dict], composite_rows: list[dict]) -> None:
+    """TestOutputs/<name>/ complete or absent (temp folder + rename), then the RESULTS.md section."""
+    md = summary_markdown(summary)
+    with atomic_dir(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+        _write_jsonl(tmp / "predictions.jsonl", rows)
+        if composite_rows:
+            _write_jsonl(tmp / "composite.jsonl", composite_rows)
+        atomic_write_json(tmp / "summary.json", summary)
+        atomic_write_text(tmp / "summary.md", md)
+        atomic_write_json(tmp / "config.json", summary["config"])
+        _plots(summary, tmp / "plots")
+    if cfg.results_md:
+        write_results_md(cfg.results_md, cfg.out_dir, summary, md, cfg.results_commands or None)
+
+
+def paper_summary(summary: dict, train_seconds: float | None = None, command: str | None = None) -> dict:
+    """The comparable, small summary of an evaluation (``results/paper21/summary.json``): scores in points
+    (0-100, 2 decimals), MCQ / QA / overall averages, routing accuracy and mean selected adapters, composite
+    figures per size and system, seconds spent (``train_seconds`` default: the adapters' and the router's own
+    training times from the run's metadata) and the command (default: the eval command)."""
+    systems = list(summary["systems"])
+    for size in (summary.get("composite") or {}).values():
+        systems += [s for s in size["scores"] if s not in systems]
+    routing = summary.get("routing")
+    return {
+        "model": summary.get("model"),
+        "tasks": [t["task"] for t in summary["tasks"]],
+        "systems": systems,
+        "per_task": {t["task"]: {"metric": t["metric"], "n": t["n"],
+                                 "scores": {s: _r2(v["score"]) for s, v in summary["per_task"][t["task"]].items()}}
+                     for t in summary["tasks"]},
+        "averages": {g: {s: _r2(a[g]) for s, a in summary["averages"].items()} for g in ("mcq", "qa", "overall")},
+        "routing": {"accuracy": _r2(routing["accuracy"]), "mean_selected": _r2(routing["mean_selected"])}
+        if routing else None,
+        "composite": {n: {s: {k: _r2(f[k]) for k in ("item_score", "all_correct", "format_rate")}
+                          for s, f in size["scores"].items()} for n, size in (summary.get("composite") or {}).items()},
+        "seconds": {"train": _r2(train_seconds if train_seconds is not None else _train_seconds(summary)),
+                    "eval": _r2(summary.get("seconds"))},
+        "command": command if command is not None else summary.get("command"),
+    }
+
+
+def _r2(v) -> float | None:
+    return None if v is None else round(float(v), 2)
+
+
+def _train_seconds(summary: dict) -> float:
+    info = summary.get("run_info") or {}
+    total = sum(float(d.get("train_seconds") or 0.0) for d in (info.get("adapters") or {}).values())
+    return total + float((info.get("router") or {}).get("train_seconds") or 0.0)
 
 
 # ================================================================================================================
 # Reports: Markdown, plots, RESULTS.md
 # ================================================================================================================
 
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
 def summary_markdown(summary: dict) -> str:
     """The summary as Markdown tables (the same text is summary.md and is printed by the CLI)."""
+    parts = [_md_scores(summary), _md_target(summary), _md_routing(summary), _md_composite(summary),
+             _md_timing(summary), _md_run_info(summary)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _md_scores(summary: dict) -> str:
     systems = summary["systems"]
     lines = [f"### Scores per task (points, 0-100; {summary['n_samples']} samples, same for every system)", "",
-             "| task | metric | n | " + " | ".join(systems) + " |",
-             "|---|---|---:|" + "---:|" * len(systems)]
+             "| task | metric | n | " + " | ".join(systems) + " |", "|---|---|---:|" + "---:|" * len(systems)]
     for t in summary["tasks"]:
         row = summary["per_task"][t["task"]]
         lines.append(f"| {t['task']} | {t['metric']} | {t['n']} | " +
@@ -855,41 +786,73 @@ def summary_markdown(summary: dict) -> str:
     labels = [("mcq", "MCQ accuracy"), ("qa", "QA score"), ("overall", "overall"), ("qa_bleu", "QA BLEU"),
               ("qa_rouge1", "QA ROUGE-1"), ("qa_rouge2", "QA ROUGE-2"), ("qa_rougeL", "QA ROUGE-L")]
     for key, label in labels:
-        if all(av[s].get(key) is None for s in systems):
-            continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(av[s].get(key), 2) for s in systems) + " |")
+        if any(av[s].get(key) is not None for s in systems):
+            lines.append(f"| {label} | " + " | ".join(_fmt(av[s].get(key), 2) for s in systems) + " |")
+    return "\n".join(lines)
+
+
+def _md_target(summary: dict) -> str:
     tg = summary.get("target")
-    if tg:
-        parts = [f"DLP-LoRA overall {tg['dlp_overall']:.2f}"]
-        for other in ("single", "uniform", "base"):
-            if f"dlp_minus_{other}" in tg:
-                parts.append(f"{tg[f'dlp_minus_{other}']:+.2f} vs {other}")
-        lines += ["", f"Target (within 0.5 points of single, above uniform and base): "
-                      f"**{'met' if tg['met'] else 'not met'}** - " + ", ".join(parts) + "."]
+    if not tg:
+        return ""
+    parts = [f"DLP-LoRA overall {tg['dlp_overall']:.2f}"]
+    parts += [f"{v:+.2f} vs {k.removeprefix('dlp_minus_')}" for k, v in tg.items() if k.startswith("dlp_minus_")]
+    return (f"Target (within 0.5 points of single, above uniform and base): "
+            f"**{'met' if tg['met'] else 'not met'}** - " + ", ".join(parts) + ".")
+
+
+def _md_routing(summary: dict) -> str:
     r = summary.get("routing")
-    if r:
-        lines += ["", f"### Routing (dlp: top_p={r['top_p']}, weighting={r['weighting']}, granularity={r['granularity']})", "",
-                  "| task | routing accuracy % | mean selected adapters | mean weight on true task |",
-                  "|---|---:|---:|---:|"]
-        for t, d in r["per_task"].items():
-            lines.append(f"| {t} | {_fmt(d['accuracy'], 1)} | {_fmt(d['mean_selected'], 2)} | {_fmt(d['mean_true_weight'], 3)} |")
-        lines.append(f"| **all** | {_fmt(r['accuracy'], 1)} | {_fmt(r['mean_selected'], 2)} | {_fmt(r['mean_true_weight'], 3)} |")
+    if not r:
+        return ""
+    lines = [f"### Routing ({r['system']}: top_p={r['top_p']}, weighting={r['weighting']}, "
+             f"granularity={r['granularity']})", "",
+             "| task | routing accuracy % | mean selected adapters | mean weight on true task |", "|---|---:|---:|---:|"]
+    for t, d in r["per_task"].items():
+        lines.append(f"| {t} | {_fmt(d['accuracy'], 1)} | {_fmt(d['mean_selected'], 2)} | {_fmt(d['mean_true_weight'], 3)} |")
+    lines.append(f"| **all** | {_fmt(r['accuracy'], 1)} | {_fmt(r['mean_selected'], 2)} | {_fmt(r['mean_true_weight'], 3)} |")
+    return "\n".join(lines)
+
+
+def _md_composite(summary: dict) -> str:
+    comp = summary.get("composite") or {}
+    lines = []
+    for n, size in comp.items():
+        lines += [f"### Composite-{n} ({size['prompts']} prompts of {n} questions from {n} different tasks; "
+                  "points, 0-100)", "",
+                  "| system | item score | all items correct | format rate | s/prompt |", "|---|---:|---:|---:|---:|"]
+        for s, f in size["scores"].items():
+            lines.append(f"| {s} | {_fmt(f['item_score'], 1)} | {_fmt(f['all_correct'], 1)} | "
+                         f"{_fmt(f['format_rate'], 1)} | {_fmt(f['seconds_per_prompt'], 3)} |")
+        if size.get("skipped"):
+            lines += ["", "Not run on composite prompts: " +
+                      ", ".join(f"{s} ({why})" for s, why in size["skipped"].items()) + "."]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _md_timing(summary: dict) -> str:
     tm = summary["timing"]
-    lines += ["", "### Time (same run, systems interleaved per batch)", "",
-              "Time per generated token includes the prompt's prefill, so a system that stops early (short answers) "
-              "pays more per token; compare systems that generate the same number of tokens (e.g. single vs dlp), "
-              "or use `dlp-lora bench` for fixed-length ratios.", "",
-              "| system | s/sample | tokens/s | gen. tokens | time/token vs base | time/token vs single | time/sample vs base |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for s in systems:
+    lines = ["### Time (same run, systems interleaved per batch)", "",
+             "Time per generated token includes the prompt's prefill, so a system that stops early (short answers) "
+             "pays more per token; compare systems that generate the same number of tokens (e.g. single vs dlp), "
+             "or use `dlp-lora bench` for fixed-length ratios.", "",
+             "| system | s/sample | tokens/s | gen. tokens | time/token vs base | time/token vs single | time/sample vs base |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in summary["systems"]:
         d = tm[s]
         lines.append(f"| {s} | {_fmt(d['seconds_per_sample'], 3)} | {_fmt(d['tokens_per_s'], 1)} | {d['completion_tokens']} | "
                      f"{_fmt(d.get('token_ratio_to_base'), 2)} | {_fmt(d.get('token_ratio_to_single'), 2)} | "
                      f"{_fmt(d.get('ratio_to_base'), 2)} |")
+    return "\n".join(lines)
+
+
+def _md_run_info(summary: dict) -> str:
     info = summary.get("run_info") or {}
     ad = {t: d for t, d in (info.get("adapters") or {}).items() if d}
+    lines = []
     if ad:
-        lines += ["", "### How the run was built (from dlp_task.json / router/metrics.json)", "",
+        lines += ["### How the run was built (from dlp_task.json / router/metrics.json)", "",
                   "| adapter | steps | records used | loss start | loss end | train s |", "|---|---:|---:|---:|---:|---:|"]
         for t, d in ad.items():
             lines.append(f"| {t} | {_fmt(d.get('steps'))} | {_fmt(d.get('records_used'))} | {_fmt(d.get('loss_start'), 3)} | "
@@ -897,20 +860,28 @@ def summary_markdown(summary: dict) -> str:
     rt = info.get("router")
     if rt:
         lines += ["", "Router: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in rt.items()) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).strip()
 
 
 def _plots(summary: dict, folder: Path) -> None:
-    """plots/scores.png, plots/routing_confusion.png (dlp only), plots/time_ratios.png (matplotlib Agg)."""
+    """plots/scores.png, plots/routing_confusion.png (with a routing report), plots/time_ratios.png (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    systems = summary["systems"]
-    tasks = [t["task"] for t in summary["tasks"]]
+    for draw, name in ((_plot_scores, "scores.png"), (_plot_confusion, "routing_confusion.png"),
+                       (_plot_time, "time_ratios.png")):
+        fig = draw(plt, summary)
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(folder / name, dpi=100)
+            plt.close(fig)
 
+
+def _plot_scores(plt, summary: dict):
+    systems, tasks = summary["systems"], [t["task"] for t in summary["tasks"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(tasks) * max(1, len(systems)) / 2 + 2), 4.5))
     width = 0.8 / max(1, len(systems))
     for k, s in enumerate(systems):
@@ -920,31 +891,32 @@ def _plots(summary: dict, folder: Path) -> None:
     ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("score (points)")
     ax.set_title("Score per task by system")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "scores.png", dpi=100)
-    plt.close(fig)
+    if systems:
+        ax.legend(fontsize=8)
+    return fig
 
+
+def _plot_confusion(plt, summary: dict):
     r = summary.get("routing")
-    if r:
-        labels = r["confusion"]["labels"]
-        mat = r["confusion"]["matrix"]
-        norm = [[v / max(1, sum(row)) for v in row] for row in mat]
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(labels) + 2), max(3.5, 0.45 * len(labels) + 1.5)))
-        im = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="Blues")
-        ax.set_xticks(range(len(labels)))
-        ax.set_yticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
-        ax.set_xlabel("top-1 routed task")
-        ax.set_ylabel("true task")
-        ax.set_title(f"Routing confusion (accuracy {r['accuracy']:.1f}%)")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(folder / "routing_confusion.png", dpi=100)
-        plt.close(fig)
+    if not r:
+        return None
+    labels, mat = r["confusion"]["labels"], r["confusion"]["matrix"]
+    norm = [[v / max(1, sum(row)) for v in row] for row in mat]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(labels) + 2), max(3.5, 0.45 * len(labels) + 1.5)))
+    im = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="Blues")
+    ax.set_xticks(range(len(labels)))
+    ax.set_yticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("top-1 routed task")
+    ax.set_ylabel("true task")
+    ax.set_title(f"Routing confusion (accuracy {r['accuracy']:.1f}%)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
 
-    tm = summary["timing"]
+
+def _plot_time(plt, summary: dict):
+    tm, systems = summary["timing"], summary["systems"]
     refs = [ref for ref in ("base", "single") if ref in tm]
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(refs))
@@ -953,14 +925,12 @@ def _plots(summary: dict, folder: Path) -> None:
         ax.bar(xs, [tm[s].get(f"token_ratio_to_{ref}") or 0.0 for s in systems], width, label=f"vs {ref}")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks(range(len(systems)))
-    ax.set_xticklabels(systems)
+    ax.set_xticklabels(systems, rotation=30, ha="right")
     ax.set_ylabel("time per generated token (ratio)")
     ax.set_title("Time ratios (same run)")
     if refs:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "time_ratios.png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_results_md(path, out_dir, summary: dict, md: str, commands_file=None) -> Path:
@@ -984,8 +954,7 @@ def write_results_md(path, out_dir, summary: dict, md: str, commands_file=None) 
     block = "\n".join(sec)
     if begin in old and end in old:
         pre, rest = old.split(begin, 1)
-        post = rest.split(end, 1)[1]
-        text = pre + block + post
+        text = pre + block + rest.split(end, 1)[1]
     else:
         text = old.rstrip() + "\n\n" + block + "\n"
     atomic_write_text(path, text)

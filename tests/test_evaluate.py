@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
+from dlp_lora.composite import INSTRUCTION
 from dlp_lora.config import DLPError
 from dlp_lora.data import QARecord, TaskData, write_task
-from dlp_lora.evaluate import evaluate, summary_markdown
+from dlp_lora.evaluate import evaluate, paper_summary, summary_markdown
 
 CHOICES = ["(A) red", "(B) blue", "(C) green"]
 TASKS = ("capitals", "colors", "echo")  # sorted: the order of adapters and router labels
@@ -58,7 +59,8 @@ class FakeResult:
 
 class FakePipeline:
     """Answers from a lookup: single (one-hot on the true task) and dlp answer right, base never, uniform only
-    for the MCQ task. dlp routes every 'Spain' question to 'echo' (top-1 wrong)."""
+    for the MCQ task; a one-hot on another task answers wrong. The router sends every 'Spain' question to 'echo'
+    (top-1 wrong). Composite prompts: routed systems answer every item right, uniform only item 1, base nothing."""
 
     def __init__(self, tasks: list[TaskData]) -> None:
         self.names = [t.name for t in tasks]
@@ -67,38 +69,74 @@ class FakePipeline:
         self.tokenizer = None
         self.model = None
         self.calls: list[tuple[str, list[str], list]] = []
+        self.granularities: list[str] = []
 
-    def generate(self, prompts, *, weights=None, top_p=0.8, weighting="paper", granularity="prompt",
-                 max_new_tokens=64, **kw):
-        out = []
-        kind = None
-        for j, q in enumerate(prompts):
+    def _probs(self, q: str) -> dict[str, float]:
+        if "Spain" in q:
+            return {"capitals": 0.35, "colors": 0.05, "echo": 0.6}
+        task = self.truth[q][0] if q in self.truth else self.names[0]
+        return {n: (0.9 if n == task else 0.1 / (len(self.names) - 1)) for n in self.names}
+
+    def route(self, texts, selection=None):
+        import torch
+
+        probs = torch.tensor([[self._probs(q)[n] for n in self.names] for q in texts])
+        return probs, probs
+
+    def _routed(self, q: str) -> FakeResult:
+        if q.startswith(INSTRUCTION.split("{n}")[0]):
+            items = [l.split(". ", 1)[1] for l in q.splitlines() if l[:1].isdigit()]
+            return FakeResult("\n".join(f"{i}. {self.truth[x][1]}" for i, x in enumerate(items, 1)), [])
+        task, answer = self.truth[q]
+        routing = ([{"sentence": q, "selected": ["echo", "capitals"], "weights": [0.55, 0.45], "probs": self._probs(q)}]
+                   if "Spain" in q else [{"sentence": q, "selected": [task], "weights": [1.0], "probs": self._probs(q)}])
+        return FakeResult(answer, routing)
+
+    def _forced(self, q: str, row: list[float]) -> tuple[str, FakeResult]:
+        composite = q.startswith(INSTRUCTION.split("{n}")[0])
+        if max(row) == 0.0:
+            return "base", FakeResult("I am not sure.", [])
+        if max(row) == 1.0:
+            if composite:
+                return "one-hot", FakeResult("1. no idea", [])
             task, answer = self.truth[q]
+            right = self.names[row.index(1.0)] == task
+            return "one-hot", FakeResult((answer if task == "echo" else f"{answer}.") if right else "wrong", [])
+        assert all(abs(x - 1 / len(self.names)) < 1e-6 for x in row)
+        if composite:
+            first = [l.split(". ", 1)[1] for l in q.splitlines() if l[:1].isdigit()][0]
+            return "uniform", FakeResult(f"1. {self.truth[first][1]}", [])
+        return "uniform", FakeResult("The answer is (B)." if self.truth[q][0] == "colors" else "no idea", [])
+
+    def generate(self, prompts, selection=None, *, weights=None, max_new_tokens=64, **kw):
+        assert selection is not None
+        self.granularities.append(selection.granularity)
+        out, kind = [], None
+        for j, q in enumerate(prompts):
             if weights is None:
-                kind = "dlp"
-                if "Spain" in q:
-                    routing = [{"sentence": q, "selected": ["echo", "capitals"], "weights": [0.55, 0.45],
-                                "probs": {"capitals": 0.35, "colors": 0.05, "echo": 0.6}}]
-                else:
-                    probs = {n: (0.9 if n == task else 0.05) for n in self.names}
-                    routing = [{"sentence": q, "selected": [task], "weights": [1.0], "probs": probs}]
-                out.append(FakeResult(answer, routing))
-                continue
-            row = [float(x) for x in weights[j]]
-            if max(row) == 0.0:
-                kind = "base"
-                out.append(FakeResult("I am not sure.", []))
-            elif max(row) == 1.0:
-                kind = "single"
-                assert self.names[row.index(1.0)] == task  # oracle: the task's own adapter
-                out.append(FakeResult(answer if task == "echo" else f"{answer}.", []))
+                kind = f"dlp-{selection.granularity}"
+                out.append(self._routed(q))
             else:
-                kind = "uniform"
-                assert all(abs(x - 1 / len(self.names)) < 1e-6 for x in row)
-                out.append(FakeResult("The answer is (B)." if task == "colors" else "no idea", []))
+                kind, res = self._forced(q, [float(x) for x in weights[j]])
+                out.append(res)
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         self.calls.append((kind, list(prompts), budgets))
         return out
+
+
+class FakeMultitask:
+    """A one-adapter pipeline: answers every question right (but 'Paris' in lower case)."""
+
+    def __init__(self, tasks: list[TaskData]) -> None:
+        self.names = ["multitask"]
+        self.truth = {r.question: r.answer for t in tasks for r in t.records}
+        self.router = None
+        self.tokenizer = None
+        self.model = None
+
+    def generate(self, prompts, selection=None, *, weights=None, **kw):
+        assert weights is not None and weights.tolist() == [[1.0]] * len(prompts)
+        return [FakeResult(self.truth.get(q, "?").lower(), []) for q in prompts]
 
 
 def test_evaluate_loop_with_fake_pipeline(tmp_path):
@@ -114,7 +152,7 @@ def test_evaluate_loop_with_fake_pipeline(tmp_path):
     for b in range(4):
         group = timed[4 * b: 4 * b + 4]
         assert len({tuple(c[1]) for c in group}) == 1
-        assert group[0][0] == ["base", "single", "dlp", "uniform"][b % 4]
+        assert group[0][0] == ["base", "one-hot", "dlp-prompt", "uniform"][b % 4]
     assert summary["n_samples"] == 15
 
     pt = summary["per_task"]
@@ -154,6 +192,67 @@ def test_evaluate_loop_with_fake_pipeline(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["fake"]
 
 
+ALL_PER_TASK = ["base", "single", "dlp", "dlp-sentence", "top1", "multitask", "uniform"]
+
+
+def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
+    tasks = _tasks(6)
+    test_dir = _write_tasks(tmp_path / "test", tasks)
+    fake = FakePipeline(tasks)
+    out = tmp_path / "o"
+    s = evaluate(None, data_dir=test_dir, out_dir=out, pipeline=fake, multitask_pipeline=FakeMultitask(tasks),
+                 systems=ALL_PER_TASK, composite=[2], composite_n=4, seed=3, limit=5, batch_size=4, progress=False)
+    assert s["systems"] == ALL_PER_TASK
+    pt = s["per_task"]
+    # top1: the router's best adapter alone - 'Spain' goes to echo and is answered wrong
+    assert [pt[t]["top1"]["score"] for t in TASKS] == pytest.approx([80.0, 100.0, 100.0])  # echo: corpus BLEU
+    assert [pt[t]["multitask"]["score"] for t in TASKS] == pytest.approx([100.0, 100.0, 100.0])
+    assert pt["capitals"]["dlp-sentence"]["score"] == 100.0
+    assert {"prompt", "sentence"} <= set(fake.granularities)        # dlp and dlp-sentence routed differently
+    assert s["routing"]["system"] == "dlp" and s["routing"]["granularity"] == "prompt"
+    assert s["target"]["dlp_minus_top1"] == pytest.approx(100 / 15) and s["target"]["dlp_minus_multitask"] == 0.0
+
+    comp = s["composite"]["2"]
+    assert comp["prompts"] == 4 and comp["skipped"] == {"single": "needs one true task per prompt"}
+    fig = {sy: {k: v for k, v in f.items() if k in ("item_score", "all_correct", "format_rate")}
+           for sy, f in comp["scores"].items()}
+    assert fig["dlp"] == fig["dlp-sentence"] == {"item_score": 100.0, "all_correct": 100.0, "format_rate": 100.0}
+    assert fig["uniform"] == {"item_score": 50.0, "all_correct": 0.0, "format_rate": 50.0}   # answers item 1 only
+    assert fig["base"] == fig["multitask"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 0.0}
+    assert fig["top1"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 50.0}       # "1. no idea"
+    rows = [json.loads(l) for l in (out / "composite.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["n"] == 2 and len({it["task"] for it in r["items"]}) == 2 for r in rows)
+    assert rows[0]["answers"]["uniform"][1] is None and rows[0]["all_correct"]["dlp"] is True
+    assert "### Composite-2 (4 prompts" in (out / "summary.md").read_text()
+
+    ps = paper_summary(s, train_seconds=12.5, command="bash scripts/reproduce_paper.sh")
+    assert set(ps) == {"model", "tasks", "systems", "per_task", "averages", "routing", "composite", "seconds", "command"}
+    assert ps["tasks"] == list(TASKS) and ps["systems"] == ALL_PER_TASK
+    assert ps["per_task"]["capitals"] == {"metric": "exact", "n": 5, "scores": {
+        "base": 0.0, "single": 100.0, "dlp": 100.0, "dlp-sentence": 100.0, "top1": 80.0, "multitask": 100.0,
+        "uniform": 0.0}}
+    assert ps["averages"]["mcq"]["uniform"] == 100.0 and ps["averages"]["overall"]["top1"] == pytest.approx(93.33)
+    assert ps["routing"] == {"accuracy": pytest.approx(93.33), "mean_selected": pytest.approx(1.07)}
+    assert ps["composite"]["2"]["uniform"] == {"item_score": 50.0, "all_correct": 0.0, "format_rate": 50.0}
+    assert ps["seconds"]["train"] == 12.5 and ps["seconds"]["eval"] > 0
+    assert ps["command"] == "bash scripts/reproduce_paper.sh"
+    json.dumps(ps)  # plain JSON
+
+
+def test_system_choices_are_checked_before_any_work(tmp_path):
+    tasks = _tasks(3)
+    test_dir = _write_tasks(tmp_path / "test", tasks)
+    with pytest.raises(DLPError, match="dlp-segment, oracle-segment run on composite prompts only"):
+        evaluate(None, data_dir=test_dir, out_dir=tmp_path / "o", pipeline=FakePipeline(tasks),
+                 systems="dlp,dlp-segment,oracle-segment")
+    with pytest.raises(DLPError, match="--composite 4: needs test questions of at least 4 different tasks, got 3"):
+        evaluate(None, data_dir=test_dir, out_dir=tmp_path / "o", pipeline=FakePipeline(tasks), systems="dlp",
+                 composite="4", progress=False)
+    with pytest.raises(DLPError, match="--composite x: expected a number"):
+        evaluate(None, data_dir=test_dir, out_dir=tmp_path / "o", pipeline=FakePipeline(tasks), composite="x")
+    assert not (tmp_path / "o").exists()
+
+
 def test_metric_override_and_one_system(tmp_path):
     tasks = _tasks(4)
     test_dir = _write_tasks(tmp_path / "test", tasks)
@@ -188,12 +287,12 @@ def test_auto_budget_per_task(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_path):
+def eval_run(tmp_path_factory, tiny_model_path):
     from dlp_lora.config import RouterConfig, RouterDataConfig
     from dlp_lora.fusion import make_random_adapter
-    from dlp_lora.lora import write_adapter_list
     from dlp_lora.models import load_model
     from dlp_lora.router import make_router_data, train_router
+    from dlp_lora.run import write_adapter_list
 
     root = tmp_path_factory.mktemp("evalrun")
     tasks = _tasks(12)
@@ -211,12 +310,12 @@ def tiny_run(tmp_path_factory, tiny_model_path):
     return {"root": root, "run": run, "test": test_dir, "train": train_dir, "model": tiny_model_path}
 
 
-def test_eval_command_end_to_end_on_tiny_model(cli, tiny_run, tmp_path):
+def test_eval_command_end_to_end_on_tiny_model(cli, eval_run, tmp_path):
     out = tmp_path / "TestOutputs" / "tiny"
     results = tmp_path / "RESULTS.md"
     cmds = tmp_path / "build.sh"
     cmds.write_text("dlp-lora train-lora ...\n")
-    args = ["eval", "--run", tiny_run["run"], "--data-dir", tiny_run["test"], "--model", tiny_run["model"],
+    args = ["eval", "--run", eval_run["run"], "--data-dir", eval_run["test"], "--model", eval_run["model"],
             "--limit", "3", "--max-new-tokens", "6", "--batch-size", "4", "--out", out, "--results-md", results,
             "--results-commands", cmds, "--no-progress"]
     res = cli(*args)
@@ -276,16 +375,16 @@ def test_eval_command_end_to_end_on_tiny_model(cli, tiny_run, tmp_path):
     assert not (out / "plots" / "routing_confusion.png").exists()
 
 
-def test_base_system_equals_plain_generation(tiny_run, tmp_path):
+def test_base_system_equals_plain_generation(eval_run, tmp_path):
     """The base system is the base model: all-zero weights give the same greedy text as the unadapted model."""
     from dlp_lora.data import format_prompt
     from dlp_lora.models import load_model
 
     out = tmp_path / "o"
-    s = evaluate(tiny_run["run"], data=[tiny_run["test"] / "capitals.json"], out_dir=out, systems="base",
-                 model_spec=str(tiny_run["model"]), limit=2, max_new_tokens=5, progress=False)
+    s = evaluate(eval_run["run"], data=[eval_run["test"] / "capitals.json"], out_dir=out, systems="base",
+                 model_spec=str(eval_run["model"]), limit=2, max_new_tokens=5, progress=False)
     rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
-    model, tok = load_model(tiny_run["model"], device="cpu", dtype="fp32")
+    model, tok = load_model(eval_run["model"], device="cpu", dtype="fp32")
     import torch
 
     for row, budget in zip(rows, [5, 5]):
@@ -301,8 +400,8 @@ def test_base_system_equals_plain_generation(tiny_run, tmp_path):
 # Bad inputs: one-line errors, nothing written
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_bad_inputs(cli, tiny_run, tmp_path):
-    run, test, model = tiny_run["run"], tiny_run["test"], tiny_run["model"]
+def test_bad_inputs(cli, eval_run, tmp_path):
+    run, test, model = eval_run["run"], eval_run["test"], eval_run["model"]
     out = tmp_path / "out"
     base = ["eval", "--run", run, "--model", model, "--out", out, "--no-progress"]
 
@@ -338,15 +437,15 @@ def test_bad_inputs(cli, tiny_run, tmp_path):
     assert_one_line_error(res, str(out), "already exists")
 
 
-def test_dlp_needs_a_router(cli, tiny_run, tmp_path):
+def test_dlp_needs_a_router(cli, eval_run, tmp_path):
     import shutil
 
-    from dlp_lora.lora import read_adapter_list, write_adapter_list
+    from dlp_lora.run import read_adapter_list, write_adapter_list
 
     run2 = tmp_path / "run2"
     run2.mkdir()
-    write_adapter_list(run2 / "adapters.txt", read_adapter_list(tiny_run["run"]))
-    res = cli("eval", "--run", run2, "--data-dir", tiny_run["test"], "--model", tiny_run["model"],
+    write_adapter_list(run2 / "adapters.txt", read_adapter_list(eval_run["run"]))
+    res = cli("eval", "--run", run2, "--data-dir", eval_run["test"], "--model", eval_run["model"],
               "--out", tmp_path / "o", "--systems", "single,dlp")
     assert_one_line_error(res, "no router")
     assert shutil.which  # keep import used
@@ -354,7 +453,7 @@ def test_dlp_needs_a_router(cli, tiny_run, tmp_path):
 
 def test_leakage_guard_drops_training_questions(tmp_path):
     """A test question also in the adapter's training file (dlp_task.json data_file) is dropped and counted."""
-    from dlp_lora.lora import write_adapter_list
+    from dlp_lora.run import write_adapter_list
 
     tasks = _tasks(6)
     train = _write_tasks(tmp_path / "train", [dataclasses.replace(t, records=t.records[:4]) for t in tasks])
@@ -366,6 +465,9 @@ def test_leakage_guard_drops_training_questions(tmp_path):
         d.mkdir(parents=True)
         (d / "dlp_task.json").write_text(json.dumps({"task": t.name, "data_file": str((train / f"{t.name}.json").resolve()),
                                                      "metric": t.metric}))
+        # a PEFT folder in form only: the fake pipeline never loads it
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+        (d / "adapter_model.safetensors").write_bytes(b"")
         dirs.append(d)
     write_adapter_list(run / "adapters.txt", dirs)
     s = evaluate(run, data_dir=test, out_dir=tmp_path / "o", pipeline=FakePipeline(tasks), systems="single",
