@@ -1,5 +1,5 @@
-"""Fixtures shared by the web-app tests: a small real run folder built from the tiny model, and the app served
-in-process on a free loopback port."""
+"""Fixtures shared by the web-app tests: the shared tiny run (conftest's ``tiny_run``), held-out test files for
+its tasks, and the app served in-process on a free loopback port."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-TASKS = ["arithmetic", "capitals"]
+TASKS = ["arithmetic", "capitals", "word_sorting"]   # the tasks of conftest's tiny_run, in adapters.txt order
 
 
 def free_port() -> int:
@@ -21,40 +21,49 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ui_run(tiny_model_path, tmp_path_factory) -> Path:
-    """A complete run folder made with the real library on the tiny model: two built-in tasks, two LoRAs
-    (2 steps each), router data and a small mini-MLP router (seconds). Beside it: data/ (training task files) and test/ (test task files)."""
-    from dlp_lora.config import LoRATrainConfig, RouterConfig, RouterDataConfig
-    from dlp_lora.lora import train_adapters
-    from dlp_lora.router import make_router_data, train_router
-    from dlp_lora.tasks import write_builtin_tasks
-
-    root = tmp_path_factory.mktemp("ui_run")
-    data = root / "data"
-    write_builtin_tasks(data, n=30, seed=0, tasks=TASKS)
-    write_builtin_tasks(root / "test", n=8, seed=1, tasks=TASKS)  # other seed: eval refuses training questions
-    run = root / "run"
-    train_adapters(tiny_model_path, data, run, LoRATrainConfig(max_steps=2, batch_size=4, logging_steps=1,
-                                                                save_steps=2, max_length=64), progress=False)
-    make_router_data(run / "router_data", adapters=run, config=RouterDataConfig(val_frac=0.2, test_frac=0.2),
-                     progress=False)
-    train_router(run / "router_data", tiny_model_path, run / "router",
-                 RouterConfig(epochs=30, patience=3, embed_dim=32, hidden_dim=64, batch_size=16, learning_rate=1e-2),
-                 progress=False)
-    return run
+def ui_run(tiny_run) -> Path:
+    """The shared tiny run (read-only: pages write their outputs under each test's tmp_path)."""
+    assert [line.split("/")[-1] for line in (tiny_run / "adapters.txt").read_text().split()] == TASKS
+    return tiny_run
 
 
 @pytest.fixture(scope="session")
-def ui_url(ui_run, tiny_model_path):
-    """The app (pre-filled with the run and the tiny model) served on 127.0.0.1:<free port>; yields its URL."""
-    from dlp_lora import ui
+def ui_router(ui_run, tiny_model_path, tmp_path_factory) -> Path:
+    """A router trained longer than the shared run's (seconds) on the run's router data, so that each built-in
+    task's sentences go to their own task; pages take it through their "router folder" box."""
+    from dlp_lora.config import RouterConfig
+    from dlp_lora.router import train_router
 
-    app = ui.build_app(run=ui_run, model=str(tiny_model_path))
+    out = tmp_path_factory.mktemp("ui_router") / "router"
+    return train_router(ui_run / "router_data", tiny_model_path, out,
+                        RouterConfig(epochs=30, patience=3, embed_dim=32, hidden_dim=64, batch_size=16,
+                                     learning_rate=1e-2), progress=False)
+
+
+@pytest.fixture(scope="session")
+def ui_test_data(tmp_path_factory) -> Path:
+    """Test files for the run's tasks, drawn with another seed than the training files (eval refuses training
+    questions)."""
+    from dlp_lora.tasks import write_builtin_tasks
+
+    folder = tmp_path_factory.mktemp("ui_test_data")
+    write_builtin_tasks(folder, n=8, seed=1, tasks=TASKS)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ui_url(ui_run):
+    """The app, pre-filled with the run only (the run decides the base model), served on 127.0.0.1:<free port>
+    with the same launch options as ``dlp-lora ui``; yields its URL."""
+    from dlp_lora import ui
+    from dlp_lora.ui.app import launch_options
+    from dlp_lora.ui.playground import clear_pipelines
+
+    app = ui.build_app(run=ui_run)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False,
-               ssr_mode=False, show_error=True)
+    app.launch(**launch_options("127.0.0.1", port, prevent_thread_lock=True, quiet=True))
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
-        ui.clear_pipelines()
+        clear_pipelines()
