@@ -322,8 +322,10 @@ def cmd_ui(args) -> int:
 
     if args.run and not os.path.exists(args.run):
         raise DLPError(f"{args.run}: run folder not found")
+    if not 0 < args.port < 65536:
+        raise DLPError(f"--port: must be in 1..65535, got {args.port}")
     print(f"DLP-LoRA web app on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    ui.launch(run=args.run, host=args.host, port=args.port, model=args.model)
+    ui.launch(run=args.run, host=args.host, port=args.port, model=args.model, allowed_hosts=args.allow_host)
     return 0
 
 
@@ -335,6 +337,9 @@ def _p_ui(sub) -> None:
                         "base model for testing and the playground)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host/Origin names NAME (a reverse proxy, a machine name); "
+                        "by default only the bound address and loopback are served (DNS rebinding)")
     p.set_defaults(func=cmd_ui)
 
 
