@@ -3,8 +3,7 @@ one prompt, numbered ``1.`` .. ``N.``, under one fixed instruction to answer eac
 answer is scored with its own task's metric. This is the input the paper's per-sentence routing is meant for, and
 where the ``segment`` granularity (each answer on the mixture of its own question) should beat any single adapter.
 
-Prompt layout (continuation lines of a multi-line question are indented by three spaces, so that only item
-starts begin a line with a number)::
+Prompt layout (continuation lines of a multi-line question are indented by three spaces, for the reader)::
 
     Answer each of the 2 numbered questions below. Reply with exactly 2 lines, one per question, in order: ...
                                                    (the whole of INSTRUCTION, one line)
@@ -12,27 +11,29 @@ starts begin a line with a number)::
     2. <question of task B>
        <second line of question 2>
 
-Scoring (:func:`score_composite`): a line of the output that starts with ``i.`` (leading spaces and ``*`` / ``#``
-markdown allowed, ``1.5`` is not a number label) answers item ``i``; the first such line wins. Its answer is the
-rest of that line, or, when that is empty, the next non-empty line that is not itself numbered. An item with no
-numbered line scores 0 and counts against the format rate.
+Item labels follow the one rule of :data:`dlp_lora.data.NUMBERED_ITEM` (``i.`` at a line start, after optional
+spaces and ``*`` / ``#`` / ``>`` markdown; ``1.5`` is not a label), the rule the ``segment`` granularity uses to
+find the questions in the prompt and the answer being written.
+
+Scoring (:func:`score_composite`): the first output line labelled ``i.`` answers item ``i``. Its answer is the rest
+of that line (markdown ``*`` trimmed), or, when that is empty, the next non-empty line unless that one is itself
+labelled. An item with no labelled line scores 0 and counts against the format rate.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from typing import Mapping, Sequence
 
 from .config import check
+from .data import NUMBERED_ITEM
 from .metrics import is_correct, score
 
 INSTRUCTION = ("Answer each of the {n} numbered questions below. Reply with exactly {n} lines, one per question, "
                "in order: each line starts with the question's number and a period, then only the answer to that "
                "question, for example \"1. Paris\" on the first line and \"2. (B)\" on the next.")
 INDENT = "   "
-_ITEM_LINE = re.compile(r"^[\s*#>]*(\d{1,3})\.(?!\d)[ \t*]*(.*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +99,19 @@ def build_composites(pools: Mapping[str, Sequence[CompositeItem]], n: int, count
 
 
 def numbered_answers(text: str, n: int) -> list[str | None]:
-    """The answer to each item ``1..n`` read from ``text`` (see the module doc); None where no line is numbered."""
-    lines = str(text or "").splitlines()
+    """The answer to each item ``1..n`` read from ``text`` (see the module doc); None where no line is labelled."""
+    text = str(text or "")
     found: list[str | None] = [None] * n
-    for j, line in enumerate(lines):
-        m = _ITEM_LINE.match(line)
-        if not m or not 1 <= int(m.group(1)) <= n or found[int(m.group(1)) - 1] is not None:
+    for m in NUMBERED_ITEM.finditer(text):
+        k = int(m.group(1))
+        if not 1 <= k <= n or found[k - 1] is not None:
             continue
-        answer = m.group(2).strip()
-        if not answer:
-            nxt = next((l.strip() for l in lines[j + 1:] if l.strip()), "")
-            answer = "" if _ITEM_LINE.match(nxt) else nxt
-        found[int(m.group(1)) - 1] = answer
+        end = text.find("\n", m.end())
+        answer = text[m.end(): len(text) if end < 0 else end].strip(" \t*")
+        if not answer and end >= 0:
+            nxt = next((line for line in text[end + 1:].splitlines() if line.strip()), "")
+            answer = "" if NUMBERED_ITEM.match(nxt) else nxt.strip()
+        found[k - 1] = answer
     return found
 
 

@@ -382,40 +382,38 @@ def _one_hot(names: list[str], tasks: Sequence[str]):
     return w
 
 
-def _mixture(system: str, pipe, rows: Sequence, selection: SelectionConfig):
-    """``(selection, weights)`` of one system for one batch; ``weights=None`` lets the router decide."""
+def _mixture(system: str, pipe, rows: Sequence, selection: SelectionConfig) -> dict:
+    """How one system mixes adapters for one batch, as ``generate`` keywords: a selection and, for systems that do
+    not route, forced ``weights`` (per row) or ``segment_weights`` (per numbered question of each row)."""
     import torch
 
     n, names = len(rows), list(pipe.names)
     if system in ("dlp", "dlp-sentence", "dlp-segment"):
-        return selection.replace(granularity=_SYSTEM_GRANULARITY.get(system, selection.granularity)), None
+        return {"selection": selection.replace(granularity=_SYSTEM_GRANULARITY.get(system, selection.granularity))}
     forced = selection.replace(granularity="prompt")   # forced mixtures: no sentence splitting needed
+    if system == "oracle-segment":                     # answer i on question i's own task adapter
+        return {"selection": selection.replace(granularity="segment"),
+                "segment_weights": [[{t: 1.0} for t in r.tasks] for r in rows]}
     if system == "base":
-        return forced, torch.zeros(n, len(names))
-    if system == "uniform":
-        return forced, torch.full((n, len(names)), 1.0 / len(names))
-    if system == "multitask":                          # its pipeline holds the multitask adapter only
-        return forced, torch.ones(n, len(names))
-    if system == "single":
-        return forced, _one_hot(names, [r.tasks[0] for r in rows])
-    if system == "top1":                               # routed on the whole prompt, like dlp
+        w = torch.zeros(n, len(names))
+    elif system == "uniform":
+        w = torch.full((n, len(names)), 1.0 / len(names))
+    elif system == "multitask":                        # its pipeline holds the multitask adapter only
+        w = torch.ones(n, len(names))
+    elif system == "single":
+        w = _one_hot(names, [r.tasks[0] for r in rows])
+    elif system == "top1":                             # the router's best adapter on the whole prompt, alone
         probs, _ = pipe.route([r.prompt for r in rows], forced)
-        return forced, _one_hot(names, [names[i] for i in probs.argmax(-1).tolist()])
-    if system == "oracle-segment":
-        return _oracle_segments(pipe, rows, selection)
-    raise DLPError(f"systems: unknown system {system!r}")
-
-
-def _oracle_segments(pipe, rows: Sequence, selection: SelectionConfig):
-    """Segment granularity with each question's true task forced as its segment's mixture."""
-    raise DLPError("oracle-segment: the pipeline has no per-segment forced weights yet")
+        w = _one_hot(names, [names[i] for i in probs.argmax(-1).tolist()])
+    else:
+        raise DLPError(f"systems: unknown system {system!r}")
+    return {"selection": forced, "weights": w}
 
 
 def _generate(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig) -> list:
     pipe = pipes.multitask if system == "multitask" else pipes.main
-    selection, weights = _mixture(system, pipe, rows, cfg.selection)
-    res = pipe.generate([r.prompt for r in rows], selection, weights=weights, max_new_tokens=list(budgets),
-                        temperature=0.0, chat=True, batch_size=len(rows))
+    res = pipe.generate([r.prompt for r in rows], **_mixture(system, pipe, rows, cfg.selection),
+                        max_new_tokens=list(budgets), temperature=0.0, chat=True, batch_size=len(rows))
     check(len(res) == len(rows), f"pipeline returned {len(res)} results for {len(rows)} prompts")
     return res
 

@@ -108,12 +108,17 @@ class FakePipeline:
             return "uniform", FakeResult(f"1. {self.truth[first][1]}", [])
         return "uniform", FakeResult("The answer is (B)." if self.truth[q][0] == "colors" else "no idea", [])
 
-    def generate(self, prompts, selection=None, *, weights=None, max_new_tokens=64, **kw):
+    def generate(self, prompts, selection=None, *, weights=None, segment_weights=None, max_new_tokens=64, **kw):
         assert selection is not None
         self.granularities.append(selection.granularity)
         out, kind = [], None
         for j, q in enumerate(prompts):
-            if weights is None:
+            if segment_weights is not None:   # oracle-segment: one one-hot mixture per question, its true task
+                kind = "oracle-segment"
+                items = [l.split(". ", 1)[1] for l in q.splitlines() if l[:1].isdigit()]
+                assert segment_weights[j] == [{self.truth[x][0]: 1.0} for x in items]
+                out.append(self._routed(q))
+            elif weights is None:
                 kind = f"dlp-{selection.granularity}"
                 out.append(self._routed(q))
             else:
@@ -201,14 +206,15 @@ def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
     fake = FakePipeline(tasks)
     out = tmp_path / "o"
     s = evaluate(None, data_dir=test_dir, out_dir=out, pipeline=fake, multitask_pipeline=FakeMultitask(tasks),
-                 systems=ALL_PER_TASK, composite=[2], composite_n=4, seed=3, limit=5, batch_size=4, progress=False)
-    assert s["systems"] == ALL_PER_TASK
+                 systems=ALL_PER_TASK + ["dlp-segment", "oracle-segment"], composite=[2], composite_n=4, seed=3,
+                 limit=5, batch_size=4, progress=False)
+    assert s["systems"] == ALL_PER_TASK                 # the segment systems run on composite prompts only
     pt = s["per_task"]
     # top1: the router's best adapter alone - 'Spain' goes to echo and is answered wrong
     assert [pt[t]["top1"]["score"] for t in TASKS] == pytest.approx([80.0, 100.0, 100.0])  # echo: corpus BLEU
     assert [pt[t]["multitask"]["score"] for t in TASKS] == pytest.approx([100.0, 100.0, 100.0])
     assert pt["capitals"]["dlp-sentence"]["score"] == 100.0
-    assert {"prompt", "sentence"} <= set(fake.granularities)        # dlp and dlp-sentence routed differently
+    assert set(fake.granularities) == {"prompt", "sentence", "segment"}
     assert s["routing"]["system"] == "dlp" and s["routing"]["granularity"] == "prompt"
     assert s["target"]["dlp_minus_top1"] == pytest.approx(100 / 15) and s["target"]["dlp_minus_multitask"] == 0.0
 
@@ -216,7 +222,9 @@ def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
     assert comp["prompts"] == 4 and comp["skipped"] == {"single": "needs one true task per prompt"}
     fig = {sy: {k: v for k, v in f.items() if k in ("item_score", "all_correct", "format_rate")}
            for sy, f in comp["scores"].items()}
-    assert fig["dlp"] == fig["dlp-sentence"] == {"item_score": 100.0, "all_correct": 100.0, "format_rate": 100.0}
+    assert set(fig) == set(ALL_PER_TASK + ["dlp-segment", "oracle-segment"]) - {"single"}
+    assert fig["dlp"] == fig["dlp-sentence"] == fig["dlp-segment"] == fig["oracle-segment"] == {
+        "item_score": 100.0, "all_correct": 100.0, "format_rate": 100.0}
     assert fig["uniform"] == {"item_score": 50.0, "all_correct": 0.0, "format_rate": 50.0}   # answers item 1 only
     assert fig["base"] == fig["multitask"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 0.0}
     assert fig["top1"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 50.0}       # "1. no idea"
@@ -227,7 +235,7 @@ def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
 
     ps = paper_summary(s, train_seconds=12.5, command="bash scripts/reproduce_paper.sh")
     assert set(ps) == {"model", "tasks", "systems", "per_task", "averages", "routing", "composite", "seconds", "command"}
-    assert ps["tasks"] == list(TASKS) and ps["systems"] == ALL_PER_TASK
+    assert ps["tasks"] == list(TASKS) and ps["systems"] == ALL_PER_TASK + ["dlp-segment", "oracle-segment"]
     assert ps["per_task"]["capitals"] == {"metric": "exact", "n": 5, "scores": {
         "base": 0.0, "single": 100.0, "dlp": 100.0, "dlp-sentence": 100.0, "top1": 80.0, "multitask": 100.0,
         "uniform": 0.0}}
@@ -373,6 +381,55 @@ def test_eval_command_end_to_end_on_tiny_model(cli, eval_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["systems"] == ["base", "single"]
     assert results.read_text().count("<!-- dlp-lora eval: tiny -->") == 1
     assert not (out / "plots" / "routing_confusion.png").exists()
+
+
+def test_every_system_and_composite_on_the_shared_tiny_run(cli, tiny_run, tmp_path):
+    """All systems on the conftest tiny run (no --model: the run's own base model), held-out questions, and
+    composite-2/3 prompts - checked against each other where they must agree exactly."""
+    from dlp_lora.tasks import write_builtin_tasks
+
+    test = tmp_path / "test"
+    write_builtin_tasks(test, n=6, seed=11, tasks=["arithmetic", "capitals", "word_sorting"])
+    out = tmp_path / "o"
+    systems = "base,single,dlp,dlp-sentence,dlp-segment,top1,multitask,uniform,oracle-segment"
+    # the multitask system loads any PEFT folder: here the capitals adapter, so it must equal single on capitals;
+    # top-p 0.01 keeps the router's top-1 alone, so dlp must equal top1
+    res = cli("eval", "--run", tiny_run, "--data-dir", test, "--systems", systems, "--top-p", "0.01",
+              "--multitask-adapter", tiny_run / "adapters" / "capitals", "--limit", "2", "--max-new-tokens", "4",
+              "--fixed-length", "--composite", "2,3", "--composite-n", "3", "--seed", "5", "--batch-size", "3",
+              "--out", out, "--no-progress", "--device", "cpu")
+    assert res.code == 0, res
+    s = json.loads((out / "summary.json").read_text())
+    assert s["systems"] == ["base", "single", "dlp", "dlp-sentence", "top1", "multitask", "uniform"]
+    assert Path(s["model"]).name == "tiny" and s["n_samples"] == 6
+    assert s["routing"]["top_p"] == 0.01 and s["routing"]["mean_selected"] == 1.0
+    rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["task"] == "capitals":
+            assert r["outputs"]["multitask"] == r["outputs"]["single"]
+        # top1 is the router's top-1 adapter alone: the oracle whenever that top-1 is the true task
+        if r["routing"]["top1"] == r["task"]:
+            assert r["outputs"]["top1"] == r["outputs"]["single"]
+        assert r["routing"]["entries"][0]["selected"] == [r["routing"]["top1"]]
+        assert r["outputs"]["dlp"] == r["outputs"]["top1"]
+    comp = [json.loads(l) for l in (out / "composite.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in comp] == [2, 2, 2, 3, 3, 3]
+    for n in ("2", "3"):
+        size = s["composite"][n]
+        assert size["prompts"] == 3 and set(size["skipped"]) == {"single"}
+        assert set(size["scores"]) == set(systems.split(",")) - {"single"}
+        for f in size["scores"].values():
+            assert all(0.0 <= f[k] <= 100.0 for k in ("item_score", "all_correct", "format_rate"))
+    for r in comp:
+        assert len({it["task"] for it in r["items"]}) == r["n"]
+        assert r["prompt"].splitlines()[2].startswith("1. ")
+        # dlp-segment routes each numbered question on its own; oracle-segment forces each one's true task
+        seg = [e for e in r["routing"]["dlp-segment"] if e["source"] == "segment"]
+        assert len(seg) == r["n"]
+    md = (out / "summary.md").read_text()
+    assert "### Composite-3 (3 prompts" in md and "| oracle-segment |" in md
+    ps = paper_summary(s)
+    assert set(ps["composite"]) == {"2", "3"} and ps["seconds"]["eval"] > 0 and ps["seconds"]["train"] > 0
 
 
 def test_base_system_equals_plain_generation(eval_run, tmp_path):
