@@ -15,7 +15,7 @@ RANK = {
 # Inference modules (what generate, the server and the playground run) and the training modules they must not
 # import, as dotted module names below dlp_lora. A trained artifact is read through run.py / router.inference.
 INFERENCE = ("run", "fusion", "pipeline", "selection", "router.inference", "router.select", "router.mlp",
-             "router.hf", "serve")
+             "router.hf", "serve", "ui.playground", "ui.routing_view", "ui.common", "ui.jobs", "ui.hosts")
 TRAINING = ("lora", "router.train", "router.data")
 # cli is the front door: it dispatches to the ui and server front-ends, which never import each other.
 
