@@ -1,7 +1,11 @@
-"""Dataclass configs shared by every stage, the project's error type, and atomic file writing.
+"""What every stage shares: the error type and its one-line formatter, value ranges, the one reader of user
+files, output checks and atomic writes, and the dataclass configs.
 
 Every config has a default and a one-line doc per field, is validated in ``__post_init__`` and is saved as
-JSON next to the artifact it produced (``save_config``), so a stage can be inspected or re-run alone.
+JSON next to the artifact it produced (``save_config``), so a stage can be inspected or re-run alone. Every
+user file is read through :func:`read_text_file` / :func:`read_json_file` (regular files only, a size limit,
+named JSON errors), and every output goes through :func:`check_output` (nothing existing is replaced without
+``--overwrite``, an input never) and the atomic writers (complete or absent).
 """
 
 from __future__ import annotations
@@ -71,9 +75,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Atomic writes: an artifact is either complete or absent (never half written).
-# ----------------------------------------------------------------------------------------------------------------
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder + rename."""
@@ -324,9 +326,7 @@ def read_json_file(path: str | os.PathLike) -> Any:
     return parse_json(read_text_file(path), str(path))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Config helpers
-# ----------------------------------------------------------------------------------------------------------------
 
 def config_to_dict(cfg: Any) -> dict:
     """A dataclass config as a plain JSON-able dict."""
@@ -360,13 +360,11 @@ def load_config(cls: type, path: str | os.PathLike) -> Any:
 
 
 def _positive(name: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-          f"{name} must be > 0, got {value!r}")
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"),
+          f"{name} must be a finite number > 0, got {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Stage configs
-# ----------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class LoRATrainConfig:
@@ -405,6 +403,7 @@ class LoRATrainConfig:
         check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         check(self.save_steps > 0 and self.logging_steps > 0, "save_steps and logging_steps must be > 0")
         check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto|bf16|fp32, got {self.precision!r}")
+        check_int("seed", self.seed, 0, SEED_MAX)
 
     def target_list(self) -> list[str] | str:
         """Target modules as PEFT expects them: a list of names, or the string "all-linear"."""
@@ -430,6 +429,7 @@ class RouterDataConfig:
               "val_frac and test_frac must be in [0, 1) and sum to < 1")
         check(self.granularity in ("prompt", "sentence"), f"granularity must be prompt|sentence, got {self.granularity!r}")
         check(isinstance(self.composite, int) and self.composite >= 0, f"composite must be >= 0, got {self.composite!r}")
+        check_int("seed", self.seed, 0, SEED_MAX)
 
 
 @dataclasses.dataclass
@@ -479,3 +479,4 @@ class RouterConfig:
             check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
         check(0.0 <= self.mlp_dropout < 1.0, f"mlp_dropout must be in [0, 1), got {self.mlp_dropout!r}")
         _positive("learning_rate", self.learning_rate)
+        check_int("seed", self.seed, 0, SEED_MAX)

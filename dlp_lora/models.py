@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DLPError, atomic_dir
+from .config import DLPError, atomic_dir, check_output
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -101,7 +101,7 @@ def make_tiny_model(out: str | os.PathLike, seed: int = 0, hidden: int = 64, lay
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out = Path(out)
+    out = check_output(out, overwrite=overwrite)  # refuse before the model is built, not after
     tok = AutoTokenizer.from_pretrained(prepare_default_model(progress=False))
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -6,8 +6,9 @@
 
 Runs pytest once on tests/test_bad_inputs.py, tests/test_fuzz.py and tests/test_faults.py with a JUnit XML
 summary, counts cases tried/passed per category (the corpus category is the case folder's prefix, e.g.
-``adapter__gen_bin_only`` -> ``adapter``), prints a Markdown table and replaces the generated block of
-docs/reliability.md (between the ``reliability-report`` markers). Exit code: pytest's.
+``adapter__gen_bin_only`` -> ``adapter``), prints a Markdown table, replaces the generated block of
+docs/reliability.md (between the ``reliability-report`` markers) and the counts in README.md's Reliability
+paragraph. Exit code: pytest's.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ CATEGORY_NAMES = {
     "adapters_txt": "adapters.txt (`generate --adapters`, `make-router-data`)",
     "cmd": "stage arguments (generate, export-mixture, train-lora, train-router, make-router-data, eval)",
     "http": "HTTP requests (OpenAI-compatible server)",
-    "size": "corpus size and categories (>= 220 cases, every category present)",
+    "size": "corpus size and categories (>= 450 cases, every category present)",
 }
+README = ROOT / "README.md"
 
 
 def classify(case) -> tuple[str, str]:
@@ -115,19 +117,39 @@ def main(argv=None) -> int:
     print(block)
 
     if args.doc:
-        doc = Path(args.doc)
-        text = doc.read_text(encoding="utf-8") if doc.is_file() else f"## Reliability\n\n{START}\n{END}\n"
-        if START not in text or END not in text:
-            text = text.rstrip() + f"\n\n{START}\n{END}\n"
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        new = f"{head}{START}\n{block}\n{END}{tail}"
-        tmp = doc.with_name(f".{doc.name}.tmp-{os.getpid()}")
-        tmp.write_text(new, encoding="utf-8")
-        os.replace(tmp, doc)
-        print(f"wrote {doc}")
+        write_doc(Path(args.doc), block)
+        update_readme(README, counts)
     return proc.returncode
 
+
+def update_readme(path: Path, counts) -> None:
+    """Put this run's numbers into README.md's Reliability paragraph (the case count and the last-run line)."""
+    group = lambda g: sum((c for k, c in counts.items() if k[0] == g), collections.Counter())
+    corpus, fuzz, faults = group("corpus"), group("fuzz"), group("faults")
+    cases = len([p for p in (ROOT / "tests" / "bad_inputs" / "cases").iterdir() if (p / "case.json").is_file()])
+    text = path.read_text(encoding="utf-8")
+    new = re.sub(r"a corpus of \d+ bad inputs", f"a corpus of {cases} bad inputs", text)
+    new = re.sub(r"last run: \*\*\d+/\d+ corpus checks, \d+/\d+ fuzz tests, \d+/\d+ fault and safety tests passed\*\*",
+                 f"last run: **{corpus['passed']}/{corpus['tried']} corpus checks, {fuzz['passed']}/{fuzz['tried']} "
+                 f"fuzz tests, {faults['passed']}/{faults['tried']} fault and safety tests passed**", new)
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+def write_doc(doc: Path, block: str) -> None:
+    """Replace the generated block of ``doc`` (between the markers) with ``block``."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else f"## Reliability\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text = text.rstrip() + f"\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    tmp = doc.with_name(f".{doc.name}.tmp-{os.getpid()}")
+    tmp.write_text(f"{head}{START}\n{block}\n{END}{tail}", encoding="utf-8")
+    os.replace(tmp, doc)
+    print(f"wrote {doc}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -116,3 +116,83 @@ def test_sentence_splitting_is_deterministic():
     assert split_sentences("no end") == ["no end"]
     assert split_sentences("   ") == []
     assert ends_sentence("Done. ") and ends_sentence("line\n") and not ends_sentence("3.5") and not ends_sentence("x.")
+
+
+# The one file reader (config.read_text_file / read_json_file) and what every stage gets from it.
+
+def test_only_regular_files_are_read(tmp_path, cli):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.json")          # opening a FIFO without a writer would block forever
+    (tmp_path / "zero.json").symlink_to("/dev/zero")   # and /dev/zero never ends
+    for name, kind in (("pipe.json", "a FIFO"), ("zero.json", "a character device")):
+        with pytest.raises(DLPError, match=f"not a regular file \\({kind}\\)"):
+            read_task(tmp_path / name)
+    assert_one_line_error(cli("data", "check", tmp_path), "pipe.json", "not a regular file")
+    good = _write(tmp_path, "good.json", '[{"Q": "a", "A": "b"}]')
+    (tmp_path / "link.json").symlink_to(good)  # a symlink to a regular file is an ordinary input
+    assert read_task(tmp_path / "link.json").records[0].answer == "b"
+
+
+def test_size_limit_is_named_and_overridable(tmp_path, monkeypatch):
+    from dlp_lora.config import MAX_FILE_BYTES, max_file_bytes
+
+    p = _write(tmp_path, "t.json", '[{"Q": "a", "A": "b"}]')
+    assert max_file_bytes() == MAX_FILE_BYTES == 256 * 1024 * 1024
+    monkeypatch.setenv("DLP_LORA_MAX_FILE_BYTES", "10")
+    with pytest.raises(DLPError, match=r"t.json: file is 22 bytes, over the 10-byte limit .*DLP_LORA_MAX_FILE_BYTES"):
+        read_task(p)
+    monkeypatch.setenv("DLP_LORA_MAX_FILE_BYTES", "22")
+    assert len(read_task(p).records) == 1
+    monkeypatch.setenv("DLP_LORA_MAX_FILE_BYTES", "lots")
+    with pytest.raises(DLPError, match="DLP_LORA_MAX_FILE_BYTES: must be a whole number"):
+        read_task(p)
+
+
+@pytest.mark.parametrize("name,text,needles", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, ["deep.json", "nested too deeply"]),
+    ("deep.jsonl", '{"Q": ' + "[" * 100_000 + "]" * 100_000 + "}\n", ["deep.jsonl", "line 1", "nested too deeply"]),
+    ("huge.json", '[{"Q": "a", "A": "b", "n": 1' + "0" * 5000 + "}]", ["huge.json", "more than 4300 digits"]),
+    ("lone.json", '[{"Q": "a", "A": "b"}, {"Q": "x\\ud800y", "A": "b"}]', ["lone.json", "record 1: field 'Q'", "unpaired surrogate"]),
+    ("lone.jsonl", '{"Q": "a", "A": "\\udfff"}\n', ["lone.jsonl", "line 1: field 'A'", "unpaired surrogate"]),
+    ("lonekey.json", '[{"Q": "a", "A": "b", "\\ud800": 1}]', ["lonekey.json", "record 0: field", "unpaired surrogate"]),
+    ("lonemeta.json", '{"task": "t", "metric": "exact", "note": "\\ud800", "data": [{"Q": "a", "A": "b"}]}',
+     ["lonemeta.json", "field 'note'", "unpaired surrogate"]),
+])
+def test_json_that_python_cannot_hold_is_a_named_error(tmp_path, cli, name, text, needles):
+    p = _write(tmp_path, name, text)
+    with pytest.raises(DLPError) as e:
+        read_task(p)
+    assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), e.value
+    assert_one_line_error(cli("data", "check", p), *needles)
+
+
+def test_paired_surrogates_bom_and_long_names(tmp_path, cli):
+    p = _write(tmp_path, "emoji.json", '[{"Q": "\\ud83d\\ude00?", "A": "b"}]')   # a valid pair is one character
+    assert read_task(p).records[0].question == "\U0001F600?"
+    p = _write(tmp_path, "bom.json", b'\xef\xbb\xbf[{"Q": "a", "A": "b"}]')
+    assert read_task(p).records[0].question == "a"
+    long = tmp_path / ("x" * 300 + ".json")                    # longer than any file system allows (255)
+    with pytest.raises(DLPError, match="cannot read \\(File name too long\\)"):
+        read_task(long)
+    assert_one_line_error(cli("data", "check", long), "File name too long")
+
+
+def test_write_task_never_replaces_without_overwrite(tmp_path):
+    t = TaskData("units", [QARecord("q?", "a")], metric="exact")
+    out = write_task(tmp_path / "units.json", t)
+    before = out.read_bytes(), (tmp_path / "units.meta.json").read_bytes()
+    t2 = TaskData("units", [QARecord("other?", "b")], metric="exact")
+    with pytest.raises(DLPError, match="units.json: already exists .*--overwrite"):
+        write_task(out, t2)
+    (tmp_path / "solo.meta.json").write_text("{}")  # an existing sidecar alone is also kept
+    with pytest.raises(DLPError, match="solo.meta.json: already exists"):
+        write_task(tmp_path / "solo.json", t2)
+    assert not (tmp_path / "solo.json").exists()
+    assert (out.read_bytes(), (tmp_path / "units.meta.json").read_bytes()) == before
+    write_task(out, t2, overwrite=True)
+    assert read_task(out).records[0].question == "other?"
+    with pytest.raises(DLPError, match="would overwrite an input"):
+        write_task(out, t2, overwrite=True, inputs=[out])
+    with pytest.raises(DLPError, match="file-system root"):
+        write_task("/units.json", t2)

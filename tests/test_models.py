@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import assert_one_line_error
 from dlp_lora.config import DLPError
 from dlp_lora.models import (eos_token_ids, load_model, model_identity, resolve_model_path, download_model)
 
@@ -30,8 +31,15 @@ def test_cli_models_tiny(tmp_path, cli):
     res = cli("models", "tiny", "--out", tmp_path / "m")
     assert res.code == 0, res
     assert json.loads((tmp_path / "m" / "config.json").read_text())["num_hidden_layers"] == 2
-    res = cli("models", "tiny", "--out", tmp_path / "m")
-    assert res.code == 1 and "already exists" in res.err
+    first = {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir()}
+    # a second run onto the same output, other weights, no --overwrite: refused in one line, bytes unchanged
+    assert_one_line_error(cli("models", "tiny", "--out", tmp_path / "m", "--seed", "1"), "m", "already exists")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir()} == first
+    assert cli("models", "tiny", "--out", tmp_path / "m", "--seed", "1", "--overwrite").code == 0
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != first["model.safetensors"]
+    assert_one_line_error(cli("models", "tiny", "--out", "/"), "file-system root")
+    assert_one_line_error(cli("models", "tiny", "--out", tmp_path / "x", "--seed", str(2**64)), "--seed",
+                          "[0, 4294967295]", code=2)
 
 
 def test_bad_model_paths(tmp_path):

@@ -402,5 +402,64 @@ def test_convert_real_shared_suite_few_records(tmp_path, caplog):
     assert {r.answer for r in tasks["strategyqa"].records} <= {"Yes", "No"}
 
 
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_builtin_never_loses_data(cli, tmp_path):
+    out = tmp_path / "tasks"
+    assert cli("data", "builtin", "--out", out, "--n", "5", "--tasks", "counting,capitals").code == 0
+    first = _snapshot(out)
+    # second run onto the same output, other content, no --overwrite: refused in one line, bytes unchanged
+    assert_one_line_error(cli("data", "builtin", "--out", out, "--n", "7", "--seed", "3", "--tasks",
+                              "word_sorting,capitals"), "capitals.json", "already exists", "--overwrite")
+    assert _snapshot(out) == first                         # word_sorting (checked first, new) was not written
+    res = cli("data", "builtin", "--out", out, "--n", "7", "--tasks", "counting,capitals", "--overwrite")
+    assert res.code == 0, res
+    assert len(read_task(out / "capitals.json").records) == 7
+    assert_one_line_error(cli("data", "builtin", "--out", "/", "--n", "2", "--tasks", "counting"),
+                          "file-system root")
+    with pytest.raises(DLPError, match="already exists"):
+        write_builtin_tasks(out, n=7, tasks="counting")
+
+
+def test_cli_convert_never_loses_data(cli, tmp_path):
+    src = RAW / "gsm8k.jsonl"
+    out = tmp_path / "g.json"
+    assert cli("data", "convert", "--format", "gsm8k", src, out).code == 0
+    first = _snapshot(tmp_path)
+    assert_one_line_error(cli("data", "convert", "--format", "gsm8k", "--limit", "1", src, out),
+                          "g.json", "already exists", "--overwrite")
+    assert _snapshot(tmp_path) == first
+    assert cli("data", "convert", "--format", "gsm8k", src, f"{tmp_path}/").code == 0   # -> <folder>/gsm8k.json
+    first = _snapshot(tmp_path)
+    assert_one_line_error(cli("data", "convert", "--format", "gsm8k", "--limit", "1", src, f"{tmp_path}/"),
+                          "gsm8k.json", "already exists")
+    assert _snapshot(tmp_path) == first
+    assert cli("data", "convert", "--format", "gsm8k", "--limit", "1", src, out, "--overwrite").code == 0
+    assert len(read_task(out).records) == 1
+    raw = tmp_path / "raw.json"
+    raw.write_bytes((RAW / "strategyqa.json").read_bytes())
+    (tmp_path / "raw.meta.json").write_bytes(raw.read_bytes())
+    for source in (raw, tmp_path / "raw.meta.json"):    # neither the output nor its sidecar may be the input
+        res = cli("data", "convert", "--format", "strategyqa", source, raw, "--overwrite")
+        assert_one_line_error(res, "would overwrite an input", source.name)
+    assert raw.read_bytes() == (RAW / "strategyqa.json").read_bytes()
+    assert_one_line_error(cli("data", "convert", "--format", "gsm8k", src, "/"), "file-system root")
+
+
+def test_convert_shared_suite_never_loses_data(tmp_path):
+    shared = _fake_shared(tmp_path / "shared")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "navigate.json").write_text("mine")      # not a task of the fixture layout: untouched
+    (out / "web_of_lies.json").write_text("mine too")
+    with pytest.raises(DLPError, match="web_of_lies.json: already exists"):
+        convert_shared_suite(shared, out, limit=1, progress=False)
+    assert _snapshot(out) == {"navigate.json": b"mine", "web_of_lies.json": b"mine too"}
+    assert len(convert_shared_suite(shared, out, limit=1, progress=False, overwrite=True)) == 6
+    assert (out / "navigate.json").read_text() == "mine"
+
+
 def test_formats_listed():
     assert FORMATS == ("gsm8k", "strategyqa", "bbh", "bigbench")

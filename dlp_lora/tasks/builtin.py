@@ -44,9 +44,7 @@ def _mcq(rng: random.Random, question: str, correct: str, distractors: list[str]
     return question + "\nOptions:\n" + "\n".join(choices), answer, choices
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 1. arithmetic word problems (free answer, gsm8k_number)
-# ----------------------------------------------------------------------------------------------------------------
 
 ARITH_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "shells", "cards",
                "balloons", "stamps", "candles", "buttons", "oranges", "toy cars"]
@@ -72,9 +70,7 @@ def sample_arithmetic(rng: random.Random) -> Sample:
     return q, q, str(ans), None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 2. unit conversion (multiple choice, accuracy)
-# ----------------------------------------------------------------------------------------------------------------
 
 # (larger unit, smaller unit, how many smaller units in one larger unit)
 UNITS = [("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("kilograms", "grams", 1000),
@@ -104,9 +100,7 @@ def sample_unit_conversion(rng: random.Random) -> Sample:
     return f"{v}|{unit_from}|{unit_to}", question, answer, choices
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 3. word sorting (free answer, exact)
-# ----------------------------------------------------------------------------------------------------------------
 
 SORT_WORDS = ["apple", "bread", "chair", "door", "egg", "fork", "garden", "hat", "island", "jacket", "kettle",
               "lamp", "mirror", "nest", "oven", "pillow", "queen", "river", "spoon", "table", "umbrella", "vase",
@@ -127,9 +121,7 @@ def sample_word_sorting(rng: random.Random) -> Sample:
     return q, q, " ".join(sorted(words)), None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 4. boolean logic (free answer, exact True/False)
-# ----------------------------------------------------------------------------------------------------------------
 
 def _bool_leaf(rng: random.Random) -> tuple[str, bool]:
     v = rng.random() < 0.5
@@ -171,9 +163,7 @@ def sample_boolean_logic(rng: random.Random) -> Sample:
     return q, q, str(v), None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 5. date arithmetic: weekdays and months (free answer, exact)
-# ----------------------------------------------------------------------------------------------------------------
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -203,9 +193,7 @@ def sample_date_arithmetic(rng: random.Random) -> Sample:
     return q, q, MONTHS[(m + shift) % 12], None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 6. counting items of a list (free answer, exact number)
-# ----------------------------------------------------------------------------------------------------------------
 
 COUNT_CATEGORIES = {
     "animals": ["cat", "dog", "horse", "goat", "rabbit", "sheep", "cow", "duck", "pig", "mouse", "lion", "tiger",
@@ -225,9 +213,7 @@ def sample_counting(rng: random.Random) -> Sample:
     return q, q, str(len(items)), None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 7. word-order reversal (free answer, exact)
-# ----------------------------------------------------------------------------------------------------------------
 
 REVERSE_WORDS = ["red", "blue", "green", "yellow", "purple", "black", "white", "pink", "brown", "gray", "happy",
                  "quiet", "fast", "slow", "tall", "small", "warm", "cold", "bright", "dark", "soft", "loud",
@@ -241,9 +227,7 @@ def sample_word_reversal(rng: random.Random) -> Sample:
     return q, q, " ".join(reversed(words)), None
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 8. country capitals (multiple choice, accuracy)
-# ----------------------------------------------------------------------------------------------------------------
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -272,9 +256,7 @@ def sample_capitals(rng: random.Random) -> Sample:
     return question, question, answer, choices
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Registry and generation
-# ----------------------------------------------------------------------------------------------------------------
 
 # name -> (metric, form, sample function). Order = documentation order; files are listed sorted anyway.
 TASK_SPECS: dict[str, tuple[str, str, Callable[[random.Random], Sample]]] = {

@@ -47,9 +47,7 @@ _BIGBENCH_OPTION = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*?)\s*$")
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Reading raw records
-# ----------------------------------------------------------------------------------------------------------------
 
 def _records(path: Path, fmt: str) -> list[tuple[str, Any]]:
     """(where, object) for each record of a JSON array file or a JSON Lines file."""
@@ -93,9 +91,7 @@ def _skip(where: str, field: str, why: str) -> None:
     log.warning(f"warning: {where}: field {field!r}: {why}; record skipped")
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # One function per format: (paths, task name) -> (records, metric)
-# ----------------------------------------------------------------------------------------------------------------
 
 def _gsm8k(paths: list[Path], name: str) -> tuple[list[QARecord], str]:
     out = []
@@ -250,9 +246,7 @@ CONVERTERS: dict[str, Callable[[list[Path], str], tuple[list[QARecord], str]]] =
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Public API
-# ----------------------------------------------------------------------------------------------------------------
 
 def _paths(input_path) -> list[Path]:
     if isinstance(input_path, (list, tuple)):

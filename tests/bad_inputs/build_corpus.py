@@ -13,6 +13,9 @@ Setup keys (applied to the private copy before the inputs are fingerprinted):
     "copy_run": true        copy the tiny run into {case}/run first (the case's own files under run/ win)
     "delete": [paths]       remove these paths (relative to {case})
     "json_set": [[path, key, value], ...]   set one top-level key of a JSON file (value null removes the key)
+    "mkfifo": [paths]       create named pipes (git cannot hold them as files)
+    "symlink": [[path, target], ...]        create symbolic links (target as written, e.g. /dev/zero)
+    "env": {NAME: value}    environment variables set for the command only
 
 HTTP cases ("kind": "http") send {"method", "path", "body" (JSON value) or "raw" (text), "headers"} to the
 server's app (``create_app`` on the tiny run's pipeline, with "server" = ServeConfig overrides) and expect
@@ -84,10 +87,68 @@ def data_cases():
     return c
 
 
-def cli_arg_cases():
-    """(name, argv, needles, code) for argument errors (argparse: exit 2, one line)."""
+LONG_NAME = "n" * 300      # longer than the 255 bytes any common file system allows in one name
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+DEEP_20K = "[" * 20_000 + "]" * 20_000     # deep enough for any parser; keeps the other cases' files small
+HUGE_INT = "1" + "0" * 5000
+
+
+def data_file_cases():
+    """(name, files, setup, argv-tail, needles) for `dlp-lora data check` on inputs that are hard to read:
+    not regular files, over the size limit, JSON too deep or too large for Python, unpaired surrogates."""
     c = []
-    add = lambda n, argv, *nd, code=2: c.append((n, argv, list(nd), code))
+    add = lambda n, files, setup, tail, *nd: c.append((n, files, setup, tail, list(nd)))
+    add("fifo", {}, {"mkfifo": ["t.json"]}, ["{case}/t.json"], "t.json", "not a regular file (a FIFO)")
+    add("fifo_in_folder", {"tasks/good.json": QA_OK}, {"mkfifo": ["tasks/pipe.json"]}, ["{case}/tasks"],
+        "pipe.json", "not a regular file")
+    add("fifo_sidecar_ignored_task_fifo", {}, {"mkfifo": ["t.jsonl"]}, ["{case}/t.jsonl"], "t.jsonl", "a FIFO")
+    add("symlink_dev_zero", {}, {"symlink": [["t.json", "/dev/zero"]]}, ["{case}/t.json"], "t.json",
+        "not a regular file (a character device)")
+    add("symlink_dev_urandom_jsonl", {}, {"symlink": [["t.jsonl", "/dev/urandom"]]}, ["{case}/t.jsonl"], "t.jsonl",
+        "a character device")
+    add("symlink_loop", {}, {"symlink": [["t.json", "t.json"]]}, ["{case}/t.json"], "t.json", "cannot read")
+    add("symlink_dangling", {}, {"symlink": [["t.json", "nowhere.json"]]}, ["{case}/t.json"], "t.json",
+        "file not found")
+    add("over_size_limit", {"t.json": QA_OK}, {"env": {"DLP_LORA_MAX_FILE_BYTES": "16"}}, ["{case}/t.json"],
+        "t.json", "over the 16-byte limit", "DLP_LORA_MAX_FILE_BYTES")
+    add("size_limit_env_not_a_number", {"t.json": QA_OK}, {"env": {"DLP_LORA_MAX_FILE_BYTES": "1e9"}},
+        ["{case}/t.json"], "DLP_LORA_MAX_FILE_BYTES", "whole number")
+    add("name_too_long", {}, {}, ["{case}/" + LONG_NAME + ".json"], "File name too long")
+    add("folder_name_too_long", {}, {}, ["{case}/" + LONG_NAME + "/t.json"], "File name too long")
+    add("deep_nesting", {"t.json": DEEP_JSON}, {}, ["{case}/t.json"], "t.json", "nested too deeply")
+    add("deep_nesting_in_record", {"t.jsonl": '{"Q": "a", "A": ' + DEEP_20K + "}\n"},
+        {}, ["{case}/t.jsonl"], "t.jsonl", "line 1", "nested too deeply")
+    add("huge_integer", {"t.json": '[{"Q": "a", "A": "b", "id": ' + HUGE_INT + "}]"}, {}, ["{case}/t.json"],
+        "t.json", "more than 4300 digits")
+    add("huge_integer_jsonl", {"t.jsonl": '{"Q": "a", "A": ' + HUGE_INT + "}\n"}, {}, ["{case}/t.jsonl"],
+        "t.jsonl", "line 1", "more than 4300 digits")
+    for key in ("Q", "A"):
+        rec = '{"Q": "x", "A": "y"}'.replace(f'"{key}": "{"x" if key == "Q" else "y"}"', f'"{key}": "a\\ud800b"')
+        add(f"lone_surrogate_{key}", {"t.json": QA_OK[:-1] + ", " + rec + "]"},
+            {}, ["{case}/t.json"], "t.json", "record 2", f"field '{key}'", "unpaired surrogate")
+    add("lone_low_surrogate_jsonl", {"t.jsonl": '{"Q": "a", "A": "\\udc80"}\n'}, {}, ["{case}/t.jsonl"],
+        "t.jsonl", "line 1", "field 'A'", "unpaired surrogate")
+    add("lone_surrogate_choices", {"t.json": '[{"Q": "a", "A": "b", "choices": ["b", "\\udbff"]}]'}, {},
+        ["{case}/t.json"], "t.json", "record 0", "field 'choices'", "unpaired surrogate")
+    add("lone_surrogate_key", {"t.json": '[{"Q": "a", "A": "b", "\\ud800": 1}]'}, {}, ["{case}/t.json"],
+        "t.json", "record 0", "unpaired surrogate")
+    add("lone_surrogate_task_name", {"t.json": '{"task": "\\ud800", "data": ' + QA_OK + "}"}, {},
+        ["{case}/t.json"], "t.json", "field 'task'", "unpaired surrogate")
+    add("lone_surrogate_sidecar", {"t.json": QA_OK, "t.meta.json": '{"metric": "exact", "note": "\\ud800"}'}, {},
+        ["{case}/t.json"], "t.meta.json", "field 'note'", "unpaired surrogate")
+    add("swapped_surrogate_pair", {"t.json": '[{"Q": "\\ude00\\ud83d", "A": "b"}]'}, {}, ["{case}/t.json"],
+        "t.json", "record 0", "field 'Q'", "unpaired surrogate")
+    return c
+
+
+def cli_arg_cases():
+    """(name, argv, needles, code, files, setup) for argument errors (argparse: exit 2, one line) and the
+    `data` / `models` commands' output rules."""
+    c = []
+
+    def add(n, argv, *nd, code=2, files=None, setup=None):
+        c.append((n, argv, list(nd), code, {"in.json": QA_OK, **(files or {})}, setup or {}))
+
     add("no_command", [], "required")
     add("unknown_command", ["frobnicate"], "invalid choice")
     add("data_no_sub", ["data"], "required")
@@ -103,8 +164,61 @@ def cli_arg_cases():
     add("data_check_missing_file", ["data", "check", "{tmp}/absent.json"], "absent.json", "file not found", code=1)
     add("data_check_empty_folder", ["data", "check", "{tmp}"], "no task files", code=1)
     add("models_tiny_exists", ["models", "tiny", "--out", "{case}"], "already exists", code=1)
+    # numbers: each flag's range, any integer within 64 bits, floats finite (argparse: exit 2)
+    add("builtin_n_too_large", ["data", "builtin", "--out", "{tmp}/o", "--n", "10000000"], "--n", "[1, 1000000]")
+    add("builtin_seed_huge", ["data", "builtin", "--out", "{tmp}/o", "--seed", str(10**23)], "--seed",
+        "[0, 4294967295]")
+    add("builtin_seed_negative", ["data", "builtin", "--out", "{tmp}/o", "--seed", "-1"], "--seed", "[0, 4294967295]")
+    add("builtin_seed_5000_digits", ["data", "builtin", "--out", "{tmp}/o", "--seed", HUGE_INT], "--seed",
+        "invalid int")
+    add("models_tiny_seed_2_64", ["models", "tiny", "--out", "{tmp}/m", "--seed", str(2**64)], "--seed",
+        "[0, 4294967295]")
+    add("convert_limit_beyond_int64", ["data", "convert", "--format", "gsm8k", "--limit", str(2**63), "{case}/in.json",
+                                       "{tmp}/o.json"], "--limit", "9223372036854775807")
+    # data loss: an existing output is replaced only with --overwrite; an input or the root never
+    add("builtin_out_exists", ["data", "builtin", "--out", "{case}", "--n", "2", "--tasks", "counting,capitals"],
+        "capitals.json", "already exists", "--overwrite", code=1, files={"capitals.json": QA_OK})
+    add("builtin_sidecar_exists", ["data", "builtin", "--out", "{case}", "--n", "2", "--tasks", "counting"],
+        "counting.meta.json", "already exists", code=1,
+        files={"counting.meta.json": '{"task": "counting", "metric": "exact"}'})
+    add("builtin_out_root", ["data", "builtin", "--out", "/", "--n", "2", "--tasks", "counting"], "file-system root",
+        code=1)
+    add("builtin_out_is_file", ["data", "builtin", "--out", "{case}/in.json", "--n", "2"], "in.json", "not a folder",
+        code=1)
+    add("builtin_out_name_too_long", ["data", "builtin", "--out", "{tmp}/" + LONG_NAME, "--n", "2"],
+        "File name too long", code=1)
+    raw = {"raw.jsonl": RAW_GSM8K}
+    add("convert_out_exists", ["data", "convert", "--format", "gsm8k", "{case}/raw.jsonl", "{case}/in.json"],
+        "in.json", "already exists", "--overwrite", code=1, files=raw)
+    add("convert_out_folder_exists", ["data", "convert", "--format", "gsm8k", "{case}/raw.jsonl", "{case}/"],
+        "gsm8k.json", "already exists", code=1, files={**raw, "gsm8k.json": QA_OK})
+    add("convert_out_is_input", ["data", "convert", "--format", "gsm8k", "--overwrite", "{case}/raw.jsonl",
+                                 "{case}/raw.jsonl"], "raw.jsonl", code=1, files=raw)
+    add("convert_out_is_input_json", ["data", "convert", "--format", "gsm8k", "--overwrite", "{case}/raw.json",
+                                      "{case}/raw.json"], "would overwrite an input", code=1,
+        files={"raw.json": RAW_GSM8K})
+    add("convert_sidecar_is_input", ["data", "convert", "--format", "gsm8k", "--overwrite", "{case}/raw.meta.json",
+                                     "{case}/raw.json"], "would overwrite an input", code=1,
+        files={"raw.meta.json": RAW_GSM8K})
+    add("convert_out_root", ["data", "convert", "--format", "gsm8k", "{case}/raw.jsonl", "/"], "file-system root",
+        code=1, files=raw)
+    add("convert_out_in_root", ["data", "convert", "--format", "gsm8k", "{case}/raw.jsonl", "/gsm8k.json"],
+        "file-system root", code=1, files=raw)
+    add("convert_out_name_too_long", ["data", "convert", "--format", "gsm8k", "{case}/raw.jsonl",
+                                      "{tmp}/" + LONG_NAME + ".json"], "File name too long", code=1, files=raw)
+    add("convert_in_fifo", ["data", "convert", "--format", "gsm8k", "{case}/pipe.jsonl", "{tmp}/o.json"],
+        "pipe.jsonl", "not a regular file", code=1, setup={"mkfifo": ["pipe.jsonl"]})
+    add("convert_in_dev_zero", ["data", "convert", "--format", "bbh", "{case}/zero.json", "{tmp}/o.json"],
+        "zero.json", "a character device", code=1, setup={"symlink": [["zero.json", "/dev/zero"]]})
+    add("convert_in_deep", ["data", "convert", "--format", "strategyqa", "{case}/deep.json", "{tmp}/o.json"],
+        "deep.json", "nested too deeply", code=1, files={"deep.json": DEEP_20K})
+    add("models_tiny_out_root", ["models", "tiny", "--out", "/", "--overwrite"], "file-system root", code=1)
+    add("models_tiny_out_parent_of_cwd", ["models", "tiny", "--out", "..", "--overwrite"], "refusing to replace",
+        code=1)
     return c
 
+
+RAW_GSM8K = '{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +269,7 @@ def router_data_cases():
     add("labels_not_strings", {"rd/labels.json": "[1, 2]"}, ["labels.json", "list of task names"])
     add("labels_empty", {"rd/labels.json": "[]"}, ["labels.json", "non-empty"])
     add("labels_duplicate", {"rd/labels.json": '["alpha", "alpha"]'}, ["labels.json", "listed twice"])
-    add("labels_bad_json", {"rd/labels.json": '["alpha", '}, ["labels.json", "cannot read"])
+    add("labels_bad_json", {"rd/labels.json": '["alpha", '}, ["labels.json", "not valid JSON"])
     add("labels_empty_string", {"rd/labels.json": '["alpha", ""]'}, ["labels.json", "list of task names"])
     add("train_missing", {}, ["train.jsonl", "file not found"], delete=["rd/train.jsonl"])
     add("train_empty", {"rd/train.jsonl": ""}, ["train.jsonl", "no records"])
@@ -214,7 +328,7 @@ def router_dir_cases():
                                                        "mlp.0.bias": (32,), "mlp.3.weight": (32, 32), "mlp.3.bias": (32,),
                                                        "mlp.6.weight": (32, 32), "mlp.6.bias": (32,),
                                                        "mlp.9.weight": (3, 32), "mlp.9.bias": (3,)})})
-    add("router_config_bad_json", {}, "config.json", "cannot read", files={R + "config.json": "{"})
+    add("router_config_bad_json", {}, "config.json", "not valid JSON", files={R + "config.json": "{"})
     add("router_config_list", {}, "config.json", "expected a JSON object", files={R + "config.json": "[]"})
     add("router_config_num_labels_lies", {"json_set": [[R + "config.json", "num_labels", 5]]}, "num_labels")
     add("router_config_vocab_lies", {"json_set": [[R + "config.json", "vocab_size", 1000]]}, "vocab")
@@ -230,7 +344,7 @@ def router_dir_cases():
     add("router_other_tokenizer", {"json_set": [[R + "config.json", "tokenizer", "32000:0123456789abcdef"]]},
         "another tokenizer")
     add("router_labels_not_list", {}, "labels.json", "list of task names", files={R + "labels.json": '{"a": 1}'})
-    add("router_labels_bad_json", {}, "labels.json", "cannot read", files={R + "labels.json": "[\"a\""})
+    add("router_labels_bad_json", {}, "labels.json", "not valid JSON", files={R + "labels.json": "[\"a\""})
     add("router_labels_other_tasks", {}, "labels", files={R + "labels.json": '["x", "y", "z"]'})
     add("router_labels_other_order", {}, "labels",
         files={R + "labels.json": '["capitals", "arithmetic", "word_sorting"]'})
@@ -301,7 +415,7 @@ def adapter_list_cases():
     """(name, files, needles, setup) for adapters.txt (generate --adapters, make-router-data --adapters)."""
     c = []
     add = lambda n, files, *nd, setup=None: c.append((n, files, list(nd), setup or {}))
-    add("missing", {}, "adapters.txt", "file not found", setup={"delete": ["run/adapters.txt"]})
+    add("missing", {}, "adapters.txt", "not found", setup={"delete": ["run/adapters.txt"]})
     add("empty", {"run/adapters.txt": ""}, "adapters.txt", "no adapter folders")
     add("only_comments", {"run/adapters.txt": "# nothing here\n\n"}, "adapters.txt", "no adapter folders")
     add("path_not_found", {"run/adapters.txt": "adapters/arithmetic\nadapters/nope\n"}, "line 2", "not found")
@@ -323,13 +437,15 @@ GEN = ["generate", "--model", "{tiny}", "--device", "cpu", "--dtype", "fp32", "-
 def command_arg_cases():
     """(name, argv, needles, code, outputs) for argument errors of the stages (argparse: 2, DLPError: 1)."""
     c = []
-    add = lambda n, argv, *nd, code=1, outputs=(): c.append((n, argv, list(nd), code, list(outputs)))
+    def add(n, argv, *nd, code=1, outputs=(), setup=None, files=None):
+        c.append((n, argv, list(nd), code, list(outputs), setup or {}, {**ARG_FILES, **(files or {})}))
+
     g = GEN + ["--run", "{run}", "--prompt", "What is 2+2?"]
     # generate
     add("gen_top_p_zero", g + ["--top-p", "0"], "--top-p", "(0, 1]")
     add("gen_top_p_above_one", g + ["--top-p", "1.5"], "--top-p", "(0, 1]")
     add("gen_top_p_negative", g + ["--top-p", "-0.2"], "--top-p", "(0, 1]")
-    add("gen_top_p_nan", g + ["--top-p", "nan"], "--top-p")
+    add("gen_top_p_nan", g + ["--top-p", "nan"], "--top-p", "finite", code=2)
     add("gen_top_p_text", g + ["--top-p", "high"], "--top-p", "invalid float", code=2)
     add("gen_weights_negative", g + ["--weights", "arithmetic=-1"], "arithmetic", ">= 0")
     add("gen_weights_unknown_task", g + ["--weights", "nosuchtask=1"], "nosuchtask")
@@ -341,13 +457,36 @@ def command_arg_cases():
     add("gen_weights_empty", g + ["--weights", ","], "--weights")
     add("gen_weighting_unknown", g + ["--weighting", "softmax"], "invalid choice", code=2)
     add("gen_granularity_unknown", g + ["--granularity", "token"], "invalid choice", code=2)
-    add("gen_max_new_tokens_zero", g + ["--max-new-tokens", "0"], "max_new_tokens")
-    add("gen_max_new_tokens_negative", g + ["--max-new-tokens", "-5"], "max_new_tokens")
+    add("gen_max_new_tokens_zero", g + ["--max-new-tokens", "0"], "--max-new-tokens", "[1, 100000]", code=2)
+    add("gen_max_new_tokens_negative", g + ["--max-new-tokens", "-5"], "--max-new-tokens", code=2)
+    add("gen_max_new_tokens_huge", g + ["--max-new-tokens", "1000000000"], "--max-new-tokens", "[1, 100000]", code=2)
+    add("gen_seed_huge", g + ["--seed", str(10**23)], "--seed", "[0, 4294967295]", code=2)
+    add("gen_seed_2_64", g + ["--seed", str(2**64)], "--seed", code=2)
+    add("gen_seed_negative", g + ["--seed", "-1"], "--seed", code=2)
+    add("gen_max_adapters_huge", g + ["--max-adapters", str(10**20)], "--max-adapters", code=2)
+    add("gen_batch_size_5000_digits", g + ["--batch-size", HUGE_INT], "--batch-size", "invalid int", code=2)
+    add("gen_temperature_inf", g + ["--temperature", "inf"], "--temperature", "finite", code=2)
+    add("gen_temperature_10e400", g + ["--temperature", "1e400"], "--temperature", "finite", code=2)
+    add("gen_top_p_5000_digits", g + ["--top-p", HUGE_INT], "--top-p", "finite", code=2)
+    add("gen_min_confidence_nan", g + ["--min-confidence", "nan"], "--min-confidence", "finite", code=2)
+    add("gen_input_fifo", GEN + ["--run", "{run}", "--input", "{case}/pipe.jsonl"], "pipe.jsonl", "not a regular file",
+        setup={"mkfifo": ["pipe.jsonl"]})
+    add("gen_input_dev_zero", GEN + ["--run", "{run}", "--input", "{case}/zero.jsonl"], "zero.jsonl",
+        "a character device", setup={"symlink": [["zero.jsonl", "/dev/zero"]]})
+    add("gen_input_over_size_limit", GEN + ["--run", "{run}", "--input", "{case}/in.json"], "in.json",
+        "byte limit", setup={"env": {"DLP_LORA_MAX_FILE_BYTES": "8"}})
+    add("gen_input_deep", GEN + ["--run", "{run}", "--input", "{case}/deep.jsonl"], "deep.jsonl", "line 1",
+        "nested too deeply", files={"deep.jsonl": '{"prompt": ' + DEEP_20K + "}\n"})
+    add("gen_input_huge_integer", GEN + ["--run", "{run}", "--input", "{case}/hugeint.jsonl"], "hugeint.jsonl",
+        "line 1", "4300 digits", files={"hugeint.jsonl": '{"prompt": "hi", "id": ' + HUGE_INT + "}\n"})
+    add("gen_input_lone_surrogate", GEN + ["--run", "{run}", "--input", "{case}/surrogate.jsonl"], "surrogate.jsonl",
+        "line 2", "field 'prompt'", "unpaired surrogate",
+        files={"surrogate.jsonl": '{"prompt": "hi"}\n{"prompt": "x\\ud800"}\n'})
     add("gen_temperature_negative", g + ["--temperature", "-1"], "temperature")
     add("gen_top_p_sampling_zero", g + ["--top-p-sampling", "0"], "top_p_sampling")
     add("gen_batch_size_zero", g + ["--batch-size", "0"], "batch_size")
-    add("gen_max_adapters_negative", g + ["--max-adapters", "-1"], "max_adapters")
-    add("gen_min_confidence_above_one", g + ["--min-confidence", "2"], "min_confidence")
+    add("gen_max_adapters_negative", g + ["--max-adapters", "-1"], "--max-adapters", "[0, ")
+    add("gen_min_confidence_above_one", g + ["--min-confidence", "2"], "--min-confidence", "[0, 1]")
     add("gen_prompt_and_input", g + ["--input", "{case}/in.json"], "exactly one of --prompt or --input")
     add("gen_no_prompt", GEN + ["--run", "{run}"], "exactly one of --prompt or --input")
     add("gen_input_missing", GEN + ["--run", "{run}", "--input", "{tmp}/absent.jsonl"], "absent.jsonl", "file not found")
@@ -356,7 +495,8 @@ def command_arg_cases():
     add("gen_input_prompt_int", GEN + ["--run", "{run}", "--input", "{case}/int.jsonl"], "int.jsonl", "field 'prompt'")
     add("gen_input_not_utf8", GEN + ["--run", "{run}", "--input", "{case}/latin1.jsonl"], "latin1.jsonl", "cannot read")
     add("gen_run_missing", GEN + ["--run", "{tmp}/norun", "--prompt", "hi"], "norun", "not found")
-    add("gen_no_router_no_weights", GEN + ["--adapters", "{run}/adapters.txt", "--prompt", "hi"], "no router")
+    add("gen_no_router_no_weights", GEN + ["--run", "{case}/run", "--prompt", "hi"], "no router",
+        setup={"copy_run": True, "delete": ["run/router"]})
     add("gen_router_missing", g + ["--router", "{tmp}/norouter"], "norouter", "not found")
     add("gen_model_missing", ["generate", "--model", "{tmp}/nomodel", "--run", "{run}", "--prompt", "hi"], "nomodel")
     add("gen_model_is_file", ["generate", "--model", "{case}/in.json", "--run", "{run}", "--prompt", "hi"], "in.json")
@@ -394,6 +534,18 @@ def command_arg_cases():
     add("lora_precision_unknown", tl + ["--precision", "fp8"], "invalid choice", code=2)
     add("lora_target_unknown", tl + ["--target-modules", "wq,wv"], "wq", outputs=["{tmp}/ad"])
     add("lora_target_empty", tl + ["--target-modules", " "], "target_modules", outputs=["{tmp}/ad"])
+    add("lora_seed_beyond_numpy", tl + ["--seed", str(2**40)], "--seed", "[0, 4294967295]", code=2)
+    add("lora_lr_inf", tl + ["--lr", "inf"], "--lr", "finite", code=2)
+    add("lora_epochs_nan", tl + ["--epochs", "nan"], "--epochs", "finite", code=2)
+    add("lora_max_steps_huge", tl + ["--max-steps", str(10**30)], "--max-steps", code=2)
+    add("lora_data_fifo", ["train-lora", "--model", "{tiny}", "--data", "{case}/pipe.json", "--out", "{tmp}/ad"],
+        "pipe.json", "not a regular file", outputs=["{tmp}/ad"], setup={"mkfifo": ["pipe.json"]})
+    add("lora_data_dir_with_fifo", ["train-lora", "--model", "{tiny}", "--data-dir", "{case}/tasks", "--out",
+                                    "{tmp}/run"], "pipe.json", "not a regular file", outputs=["{tmp}/run"],
+        setup={"mkfifo": ["tasks/pipe.json"]})
+    add("lora_data_lone_surrogate", ["train-lora", "--model", "{tiny}", "--data", "{case}/surrogate.json", "--out",
+                                     "{tmp}/ad"], "surrogate.json", "record 1", "field 'A'", "unpaired surrogate",
+        outputs=["{tmp}/ad"], files={"surrogate.json": '[{"Q": "a", "A": "b"}, {"Q": "c", "A": "\\udfff"}]'})
     add("lora_out_exists", ["train-lora", "--model", "{tiny}", "--data", "{case}/in.json", "--out", "{case}",
                             "--no-progress", "--max-steps", "1"], "already exists")
     add("lora_data_missing", ["train-lora", "--model", "{tiny}", "--data", "{tmp}/absent.json", "--out", "{tmp}/ad"],
@@ -418,6 +570,8 @@ def command_arg_cases():
     add("router_epochs_zero", tr + ["--epochs", "0"], "epochs", outputs=["{tmp}/r"])
     add("router_batch_size_negative", tr + ["--batch-size", "-4"], "batch_size", outputs=["{tmp}/r"])
     add("router_lr_zero", tr + ["--lr", "0"], "learning_rate", outputs=["{tmp}/r"])
+    add("router_seed_huge", tr + ["--seed", str(10**23)], "--seed", code=2)
+    add("router_lr_nan", tr + ["--lr", "nan"], "--lr", "finite", code=2)
     add("router_patience_zero", tr + ["--patience", "0"], "patience", outputs=["{tmp}/r"])
     add("router_max_tokens_zero", tr + ["--max-tokens", "0"], "max_tokens", outputs=["{tmp}/r"])
     add("router_token_dropout_one", tr + ["--token-dropout", "1.0"], "token_dropout", outputs=["{tmp}/r"])
@@ -441,6 +595,10 @@ def command_arg_cases():
     add("mrd_test_frac_negative", mr + ["--test-frac", "-0.1"], "test_frac", outputs=["{tmp}/rd"])
     add("mrd_per_task_negative", mr + ["--per-task", "-3"], "per_task", outputs=["{tmp}/rd"])
     add("mrd_composite_negative", mr + ["--composite", "-1"], "composite", outputs=["{tmp}/rd"])
+    add("mrd_seed_huge", mr + ["--seed", str(2**63)], "--seed", code=2)
+    add("mrd_val_frac_nan", mr + ["--val-frac", "nan"], "--val-frac", "finite", code=2)
+    add("mrd_data_dir_with_fifo", ["make-router-data", "--data-dir", "{case}/tasks", "--out", "{tmp}/rd"], "pipe.json",
+        "not a regular file", outputs=["{tmp}/rd"], setup={"mkfifo": ["tasks/pipe.json"]})
     add("mrd_granularity_unknown", mr + ["--granularity", "token"], "invalid choice", code=2)
     add("mrd_out_exists", ["make-router-data", "--adapters", "{run}", "--out", "{case}"], "already exists")
     add("mrd_data_dir_missing", ["make-router-data", "--data-dir", "{tmp}/nodir", "--out", "{tmp}/rd"], "nodir",
@@ -458,12 +616,14 @@ def command_arg_cases():
     # eval (argument errors only: evaluate.py is owned elsewhere)
     ev = ["eval", "--run", "{run}", "--model", "{tiny}", "--data", "{run}/../data/arithmetic.json", "--out",
           "{tmp}/ev", "--no-progress", "--limit", "2", "--max-new-tokens", "2"]
-    add("eval_top_p_above_one", ev + ["--top-p", "1.5"], "top_p", outputs=["{tmp}/ev"])
-    add("eval_top_p_zero", ev + ["--top-p", "0"], "top_p", outputs=["{tmp}/ev"])
+    add("eval_top_p_above_one", ev + ["--top-p", "1.5"], "--top-p", "(0, 1]", outputs=["{tmp}/ev"])
+    add("eval_top_p_zero", ev + ["--top-p", "0"], "--top-p", outputs=["{tmp}/ev"])
     add("eval_systems_unknown", ev + ["--systems", "base,oracle2"], "oracle2", outputs=["{tmp}/ev"])
     add("eval_limit_zero", ev + ["--limit", "0"], "limit", outputs=["{tmp}/ev"])
     add("eval_batch_size_zero", ev + ["--batch-size", "0"], "batch", outputs=["{tmp}/ev"])
-    add("eval_max_new_tokens_zero", ev + ["--max-new-tokens", "0"], "max_new_tokens", outputs=["{tmp}/ev"])
+    add("eval_max_new_tokens_zero", ev + ["--max-new-tokens", "0"], "--max-new-tokens", code=2)
+    add("eval_max_new_tokens_huge", ev + ["--max-new-tokens", "1000000000"], "--max-new-tokens", "[1, 100000]", code=2)
+    add("eval_top_p_inf", ev + ["--top-p", "inf"], "--top-p", "finite", code=2)
     add("eval_metric_unknown", ev + ["--metric", "arithmetic=f1"], "f1", outputs=["{tmp}/ev"])
     add("eval_metric_bad_syntax", ev + ["--metric", "arithmetic"], "--metric", outputs=["{tmp}/ev"])
     add("eval_run_missing", ["eval", "--run", "{tmp}/norun", "--data", "{case}/in.json", "--out", "{tmp}/ev"],
@@ -479,9 +639,9 @@ def command_arg_cases():
     sv = ["serve", "--run", "{run}", "--model", "{tiny}", "--device", "cpu"]
     add("serve_port_out_of_range", sv + ["--port", "70000"], "port")
     add("serve_max_queue_zero", sv + ["--max-queue", "0"], "max_queue")
-    add("serve_top_p_above_one", sv + ["--top-p", "2"], "top_p")
-    add("serve_weighting_unknown", sv + ["--weighting", "mean"], "weighting")
-    add("serve_granularity_unknown", sv + ["--granularity", "token"], "granularity")
+    add("serve_top_p_above_one", sv + ["--top-p", "2"], "--top-p", "(0, 1]")
+    add("serve_weighting_unknown", sv + ["--weighting", "mean"], "--weighting", "invalid choice", code=2)
+    add("serve_granularity_unknown", sv + ["--granularity", "token"], "--granularity", "invalid choice", code=2)
     add("serve_max_body_negative", sv + ["--max-body-bytes", "-1"], "max_body_bytes")
     add("serve_run_missing", ["serve", "--run", "{tmp}/norun", "--model", "{tiny}", "--port", "0"], "norun", "not found")
     add("serve_model_missing", ["serve", "--run", "{run}", "--model", "{tmp}/nomodel", "--port", "0"], "nomodel")
@@ -527,7 +687,7 @@ def http_cases():
     add("oversized_body", {"path": P, "body": chat(messages=[{"role": "user", "content": "x" * 3000}])}, 413,
         "request body", server={"max_body_bytes": 2000})
     add("prompt_too_long", {"path": P, "body": chat(messages=[{"role": "user", "content": "word " * 400}])}, 400,
-        "prompt", server={"max_prompt_tokens": 64})
+        "tokens", "limit of 64", server={"max_prompt_tokens": 64})
     add("missing_api_key", {"path": P, "body": chat()}, 401, "API key", server={"api_key": "sekret"})
     add("wrong_api_key", {"path": P, "body": chat(), "headers": {"Authorization": "Bearer nope"}}, 401, "API key",
         server={"api_key": "sekret"})
@@ -578,9 +738,12 @@ def main() -> None:
         write_case(f"data__{name}", {"kind": "cli", "argv": ["data", "check", "{case}/" + fname],
                                      "needles": [fname] + needles, "code": 1}, {fname: content})
         n += 1
-    for name, argv, needles, code in cli_arg_cases():
-        write_case(f"args__{name}", {"kind": "cli", "argv": argv, "needles": needles, "code": code},
-                   {"in.json": QA_OK})
+    for name, files, setup, tail, needles in data_file_cases():
+        write_case(f"data__{name}", {"kind": "cli", "argv": ["data", "check", *tail], "needles": needles, "code": 1,
+                                     **setup}, files)
+        n += 1
+    for name, argv, needles, code, files, setup in cli_arg_cases():
+        write_case(f"args__{name}", {"kind": "cli", "argv": argv, "needles": needles, "code": code, **setup}, files)
         n += 1
     for name, files, extra, needles in router_data_cases():
         write_case(f"router_data__{name}", {"kind": "cli", "argv": ["train-router", "--data", "{case}/rd", "--model",
@@ -614,9 +777,9 @@ def main() -> None:
                                                           "--out", "{tmp}/rd", "--no-progress"],
                                                  "needles": needles, "code": 1, "outputs": ["{tmp}/rd"]}, files)
         n += 2
-    for name, argv, needles, code, outputs in command_arg_cases():
+    for name, argv, needles, code, outputs, setup, files in command_arg_cases():
         write_case(f"cmd__{name}", {"kind": "cli", "argv": argv, "needles": needles, "code": code,
-                                    "outputs": outputs}, ARG_FILES)
+                                    "outputs": outputs, **setup}, files)
         n += 1
     for name, req, status, needles, server in http_cases():
         write_case(f"http__{name}", {"kind": "http", "request": req, "status": status, "needles": needles,
