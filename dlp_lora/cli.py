@@ -8,21 +8,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
-from .config import DLPError, read_text_file
+from .config import INT_MAX, MAX_NEW_TOKENS, SEED_MAX, DLPError, format_error, parse_json, read_text_file
+from .tasks.builtin import MAX_TASK_RECORDS
 
 
 _MODEL_HELP = "base model: default | tiny | a folder (default: the base model the run's adapters were trained on)"
 
 
+# Every number on the command line is range-checked while parsing, so a huge or meaningless value is one
+# argument error (exit 2) before any model loads: these flags have their own range, any other integer flag
+# must fit in 64 bits, and every float flag must be finite.
+INT_FLAG_RANGES = {"--seed": (0, SEED_MAX), "--max-new-tokens": (1, MAX_NEW_TOKENS), "--n": (1, MAX_TASK_RECORDS)}
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (no usage dump)."""
+    """argparse that reports a bad argument as one line (no usage dump) and range-checks every number."""
 
     def error(self, message: str):  # type: ignore[override]
         sys.stderr.write(f"error: {self.prog}: {message}\n")
         raise SystemExit(2)
+
+    def _get_value(self, action, arg_string):  # argparse's one conversion hook (flags added through groups too)
+        if action.type not in (int, float):
+            return super()._get_value(action, arg_string)
+        shown = arg_string if len(arg_string) <= 40 else arg_string[:37] + "..."
+        try:
+            value = action.type(arg_string)
+        except ValueError:  # also int() of more digits than Python converts
+            raise argparse.ArgumentError(action, f"invalid {action.type.__name__} value: {shown!r}") from None
+        if action.type is float and not math.isfinite(value):
+            raise argparse.ArgumentError(action, f"must be a finite number, got {shown!r}")
+        if action.type is int:
+            flag = next((f for f in action.option_strings if f in INT_FLAG_RANGES), None)
+            lo, hi = INT_FLAG_RANGES[flag] if flag else (-INT_MAX - 1, INT_MAX)
+            if not lo <= value <= hi:
+                raise argparse.ArgumentError(action, f"must be an integer in [{lo}, {hi}], got {shown}")
+        return value
 
 
 def add_selection_arguments(p, **defaults) -> None:
@@ -106,14 +131,15 @@ def cmd_data(args) -> int:
     if args.data_cmd == "builtin":
         from .tasks import write_builtin_tasks
 
-        paths = write_builtin_tasks(args.out, n=args.n, seed=args.seed, tasks=args.tasks)
+        paths = write_builtin_tasks(args.out, n=args.n, seed=args.seed, tasks=args.tasks, overwrite=args.overwrite)
         for p in paths:
             print(p)
         return 0
     if args.data_cmd == "convert":
         from .tasks import convert
 
-        task = convert(args.format, args.input, args.output, task=args.task, limit=args.limit)
+        task = convert(args.format, args.input, args.output, task=args.task, limit=args.limit,
+                       overwrite=args.overwrite)
         print(f"{task.path or args.output}: task={task.name} records={len(task.records)} metric={task.metric}")
         return 0
     return 2
@@ -129,12 +155,14 @@ def _p_data(sub) -> None:
     q.add_argument("--n", type=int, default=500, help="records per task")
     q.add_argument("--seed", type=int, default=0, help="generator seed")
     q.add_argument("--tasks", default=None, help="comma list of built-in task names (default: all)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing <task>.json files in --out")
     q = ds.add_parser("convert", help="convert a raw benchmark file into Q/A JSON")
     q.add_argument("--format", required=True, help="gsm8k | strategyqa | bbh | bigbench")
     q.add_argument("--task", default=None, help="task name (default: from the file name)")
     q.add_argument("--limit", type=int, default=None, help="keep only the first N records")
     q.add_argument("input", help="raw file")
-    q.add_argument("output", help="output Q/A JSON")
+    q.add_argument("output", help="output Q/A JSON (or a folder: <folder>/<task>.json)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_data)
 
 
@@ -578,10 +606,7 @@ def _read_prompts(path: str) -> list[str]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise DLPError(f"{p}: line {n}: not valid JSON") from None
+        obj = parse_json(line, f"{p}: line {n}")  # the one JSON parser: depth, huge numbers, lone surrogates
         if isinstance(obj, str):
             prompts.append(obj)
             continue
@@ -696,17 +721,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DLPError as e:
-        sys.stderr.write(f"error: {str(e).splitlines()[0] if str(e) else 'failed'}\n")
-        return 1
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted (finished stages are kept; re-run to resume)\n")
         return 130
     except Exception as e:  # never a traceback for users; DLP_LORA_DEBUG=1 shows it for developers
-        if os.environ.get("DLP_LORA_DEBUG"):
+        if os.environ.get("DLP_LORA_DEBUG") and not isinstance(e, DLPError):
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
-        sys.stderr.write(f"error: internal error: {e.__class__.__name__}: {msg} (set DLP_LORA_DEBUG=1 for details)\n")
+        sys.stderr.write(f"error: {format_error(e)}\n")
         return 1
 
 
