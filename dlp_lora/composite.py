@@ -30,9 +30,10 @@ from .config import check
 from .data import NUMBERED_ITEM
 from .metrics import is_correct, score
 
+# The format example uses placeholders, not answers: a sample answer such as "(B)" would bias MCQ items.
 INSTRUCTION = ("Answer each of the {n} numbered questions below. Reply with exactly {n} lines, one per question, "
                "in order: each line starts with the question's number and a period, then only the answer to that "
-               "question, for example \"1. Paris\" on the first line and \"2. (B)\" on the next.")
+               "question, in the form \"1. <answer>\" on the first line, \"2. <answer>\" on the next, and so on.")
 INDENT = "   "
 
 
