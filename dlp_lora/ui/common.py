@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import DLPError
+from ..config import DLPError, format_error
 from ..selection import SelectionConfig
 from .jobs import JobCancelled
 
@@ -29,13 +29,10 @@ def update(**props: Any) -> dict:
 
 
 def error_message(e: BaseException) -> str:
-    """The one line a user sees for ``e`` (same wording as the CLI's ``error: ...``)."""
-    first = str(e).splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, DLPError):
-        return first or "failed"
+    """The one line a user sees for ``e``: the CLI's formatter, and "cancelled" for a cancelled job."""
     if isinstance(e, (JobCancelled, KeyboardInterrupt)):
         return "cancelled"
-    return f"internal error: {e.__class__.__name__}: {first} (set DLP_LORA_DEBUG=1 for details)"
+    return format_error(e)
 
 
 # form values -> library arguments ---------------------------------------------------------------------------

@@ -57,8 +57,6 @@ def run_eval(run, adapters_file, router, model, files, data_dir, *vals, session:
                             model_spec=text_or(model, ""), router=text_or(router, own_router or ""),
                             composite=text_or(composite, ""), limit=int(limit or 0), overwrite=bool(overwrite),
                             **({"data_dir": data} if Path(data).is_dir() else {"data": [data]}))
-        if out_dir.exists() and not overwrite:  # before any model is loaded
-            raise DLPError(f"{out_dir}: already exists (tick overwrite to replace it)")
         t0 = time.time()
         summary = yield from run_job("eval", session, lambda j: ev.evaluate(cfg, progress=True))
     md, plots = eval_summary_views(out_dir, summary)

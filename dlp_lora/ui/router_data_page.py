@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import DLPError, RouterDataConfig, read_json_file
+from ..config import DLPError, RouterDataConfig, check_output, read_json_file
 from .common import (PageDefaults, config_fields, config_from_values, count_lines, data_source, file_list, frame,
                      read_jsonl, text_or)
 from .jobs import LOCAL_SESSION, run_job
@@ -58,11 +58,7 @@ def _merge_output(srcs: list[str], out: Path, overwrite: bool) -> None:
     """Refuse an output that would lose data: an existing file (unless ``overwrite``) or one of the inputs."""
     if out.is_dir():
         raise DLPError(f"{out}: is a folder; type the merged file's name")
-    for s in srcs:
-        if Path(s).resolve() == out.resolve():
-            raise DLPError(f"{out}: is one of the files to merge; choose another output file")
-    if out.exists() and not overwrite:
-        raise DLPError(f"{out}: already exists (tick overwrite to replace it)")
+    check_output(out, overwrite, inputs=srcs)
 
 
 def _keep_labels(merged_labels: Path, beside: Path) -> None:
