@@ -3,13 +3,14 @@ one prompt, numbered ``1.`` .. ``N.``, under one fixed instruction to answer eac
 answer is scored with its own task's metric. This is the input the paper's per-sentence routing is meant for, and
 where the ``segment`` granularity (each answer on the mixture of its own question) should beat any single adapter.
 
-Prompt layout (continuation lines of a multi-line question are indented by three spaces, for the reader)::
+Prompt layout (a multi-line question keeps its lines as in its test file, so that the router reads the question
+as it was trained on)::
 
     Answer each of the 2 numbered questions below. Reply with exactly 2 lines, one per question, in order: ...
                                                    (the whole of INSTRUCTION, one line)
     1. <question of task A>
     2. <question of task B>
-       <second line of question 2>
+    <second line of question 2>
 
 Item labels follow the one rule of :data:`dlp_lora.data.NUMBERED_ITEM` (``i.`` at a line start, after optional
 spaces and ``*`` / ``#`` / ``>`` markdown; ``1.5`` is not a label), the rule the ``segment`` granularity uses to
@@ -34,7 +35,6 @@ from .metrics import is_correct, score
 INSTRUCTION = ("Answer each of the {n} numbered questions below. Reply with exactly {n} lines, one per question, "
                "in order: each line starts with the question's number and a period, then only the answer to that "
                "question, in the form \"1. <answer>\" on the first line, \"2. <answer>\" on the next, and so on.")
-INDENT = "   "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +62,9 @@ class CompositePrompt:
 
 
 def composite_prompt_text(questions: Sequence[str]) -> str:
-    """The fixed instruction, a blank line, then ``1. q1`` .. ``N. qN`` (continuation lines indented)."""
+    """The fixed instruction, a blank line, then ``1. q1`` .. ``N. qN``."""
     lines = [INSTRUCTION.format(n=len(questions)), ""]
-    for i, q in enumerate(questions, 1):
-        first, *rest = str(q).strip().splitlines() or [""]
-        lines.append(f"{i}. {first.strip()}")
-        lines.extend(INDENT + r.strip() if r.strip() else "" for r in rest)
+    lines += [f"{i}. {str(q).strip()}" for i, q in enumerate(questions, 1)]
     return "\n".join(lines)
 
 

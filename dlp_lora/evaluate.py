@@ -481,8 +481,23 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
             "scores": {s: {**composite_figures(scored[s]),
                            "seconds_per_prompt": timing[s]["seconds"] / len(prompts),
                            "completion_tokens": timing[s]["completion_tokens"]} for s in systems}}
+        if "dlp-segment" in systems:
+            report[str(n)]["scores"]["dlp-segment"]["question_routing_accuracy"] = \
+                _question_routing(outputs["dlp-segment"], prompts)
         rows.extend(_composite_row(n, p, systems, outputs, scored, i) for i, p in enumerate(prompts))
     return report, rows
+
+
+def _question_routing(results: list, prompts: list[CompositePrompt]) -> float:
+    """dlp-segment: % of questions whose own routing (top-1 of its segment's probabilities) is its true task; a
+    prompt whose questions were not found as numbered items counts every question as missed."""
+    hits = []
+    for res, p in zip(results, prompts):
+        seg = [e for e in _routing_of(res) if e.get("source") == "segment"]
+        for k, it in enumerate(p.items):
+            probs = seg[k].get("probs") or {} if len(seg) == len(p.items) else {}
+            hits.append(bool(probs) and max(probs, key=probs.get) == it.task)
+    return 100.0 * sum(hits) / max(1, len(hits))
 
 
 def _composite_row(n: int, p: CompositePrompt, systems: list[str], outputs: dict, scored: dict, i: int) -> dict:
@@ -822,6 +837,9 @@ def _md_composite(summary: dict) -> str:
         for s, f in size["scores"].items():
             lines.append(f"| {s} | {_fmt(f['item_score'], 1)} | {_fmt(f['all_correct'], 1)} | "
                          f"{_fmt(f['format_rate'], 1)} | {_fmt(f['seconds_per_prompt'], 3)} |")
+        qr = size["scores"].get("dlp-segment", {}).get("question_routing_accuracy")
+        if qr is not None:
+            lines += ["", f"dlp-segment routed {_fmt(qr, 1)}% of the questions to their own task."]
         if size.get("skipped"):
             lines += ["", "Not run on composite prompts: " +
                       ", ".join(f"{s} ({why})" for s, why in size["skipped"].items()) + "."]

@@ -17,10 +17,9 @@ def _pools(n_tasks: int = 4, per_task: int = 5) -> dict[str, list[CompositeItem]
                       for i in range(per_task)] for k in range(n_tasks)}
 
 
-def test_prompt_text_numbers_questions_and_indents_continuation_lines():
+def test_prompt_text_numbers_questions():
     text = composite_prompt_text(["What is 2+2?", "Pick a colour.\nOptions:\n(A) red\n(B) blue"])
-    assert text == (INSTRUCTION.format(n=2) + "\n\n1. What is 2+2?\n2. Pick a colour.\n   Options:\n   (A) red\n"
-                    "   (B) blue")
+    assert text == INSTRUCTION.format(n=2) + "\n\n1. What is 2+2?\n2. Pick a colour.\nOptions:\n(A) red\n(B) blue"
     # only the item starts begin a line with a number: the scorer reads the prompt's own numbering back
     assert numbered_answers(text, 2) == ["What is 2+2?", "Pick a colour."]
     assert "{n}" not in INSTRUCTION.format(n=3) and "3 numbered questions" in INSTRUCTION.format(n=3)
@@ -36,7 +35,7 @@ def test_builder_is_fixed_by_the_seed_and_draws_distinct_tasks():
         assert len(p.items) == 3 and len(set(p.tasks)) == 3
         lines = p.prompt.splitlines()
         assert lines[0] == INSTRUCTION.format(n=3) and lines[1] == ""
-        assert lines[2:] == [f"{i}. {it.question}" for i, it in enumerate(p.items, 1)]
+        assert lines[2:] == [f"{i}. {it.question}" for i, it in enumerate(p.items, 1)]   # one-line questions
     # every task's questions are handed out before any repeats: 20 prompts x 3 = 60 draws over 4 tasks of 5
     used = [(it.task, it.question) for p in a[:6] for it in p.items]
     for task in pools:

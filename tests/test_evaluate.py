@@ -426,6 +426,12 @@ def test_every_system_and_composite_on_the_shared_tiny_run(cli, tiny_run, tmp_pa
         # dlp-segment routes each numbered question on its own; oracle-segment forces each one's true task
         seg = [e for e in r["routing"]["dlp-segment"] if e["source"] == "segment"]
         assert len(seg) == r["n"]
+        assert [e["sentence"] for e in seg] == [it["question"] for it in r["items"]]
+    for n in ("2", "3"):   # the share of questions whose own segment was routed to their task, from those entries
+        hits = [max(e["probs"], key=e["probs"].get) == it["task"] for r in comp if r["n"] == int(n)
+                for e, it in zip([e for e in r["routing"]["dlp-segment"] if e["source"] == "segment"], r["items"])]
+        assert s["composite"][n]["scores"]["dlp-segment"]["question_routing_accuracy"] == \
+            pytest.approx(100.0 * sum(hits) / len(hits))
     md = (out / "summary.md").read_text()
     assert "### Composite-3 (3 prompts" in md and "| oracle-segment |" in md
     ps = paper_summary(s)
