@@ -470,7 +470,8 @@ class FusedAdapters:
             else:
                 self.state.set(prev)
 
-    def _row(self, weights: Any, what: str) -> torch.Tensor:
+    def row_weights(self, weights: Any, what: str = "weights") -> torch.Tensor:
+        """One checked (N,) mixture from a {task: weight} mapping, a sequence or a tensor of N weights (CPU)."""
         if isinstance(weights, dict):
             weights = self.weights_vector(weights)
         w = torch.as_tensor(weights, dtype=torch.float32).detach().flatten().cpu() \
@@ -487,7 +488,7 @@ class FusedAdapters:
         """Fold one mixture (N,) into the base weights (batch-1 generation: ≈0 per-token overhead). Merging again
         replaces the previous mixture; ``unmerge`` restores W exactly."""
         self._alive()
-        w = self._row(weights_row, "merge weights")
+        w = self.row_weights(weights_row, "merge weights")
         idx = torch.nonzero(w).flatten()
         dev = {}
         for layer in self.layers.values():
@@ -506,7 +507,7 @@ class FusedAdapters:
         """Write the mixture Σ w_i s_i B_i A_i as ONE ordinary PEFT LoRA adapter of rank Σr_i (exact: the A's are
         concatenated, the w_i·s_i-scaled B's concatenated; lora_alpha == r so PEFT's scale is 1)."""
         self._alive()
-        w = self._row(weights, "export weights")
+        w = self.row_weights(weights, "export weights")
         used = [i for i in range(len(self.names)) if float(w[i]) > 0]
         if not used:
             raise DLPError("export weights: all weights are zero (that mixture is the base model; nothing to export)")

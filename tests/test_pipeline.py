@@ -1,7 +1,9 @@
-"""DLPPipeline: routing, batched KV-cache generation, sentence re-routing, streaming, and the CLI."""
+"""DLPPipeline and its step-level decoder: routing, batched KV-cache generation, rows joining and leaving a running
+batch, sentence and segment re-routing against naive references, streaming, and the CLI."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -9,10 +11,12 @@ import torch
 
 from conftest import assert_one_line_error
 from dlp_lora.config import DLPError
+from dlp_lora.data import format_prompt, last_item_number, last_sentence_end, numbered_items, split_sentences
 from dlp_lora.fusion import fuse_adapters, make_random_adapter
 from dlp_lora.models import eos_token_ids, load_model, make_tiny_model
-from dlp_lora.pipeline import DLPPipeline
+from dlp_lora.pipeline import DecodeRequest, DLPPipeline, decode
 from dlp_lora.router.select import select_top_p
+from dlp_lora.selection import SelectionConfig
 
 NAMES = ["alpha", "beta", "gamma"]
 PROMPTS = ["Name a colour.", "What is two plus two? Answer briefly.", "Hi"]
@@ -73,6 +77,57 @@ def _hf_greedy(model, tok, prompts, max_new):
     return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def _trace(monkeypatch):
+    """Spy on the decoder's token choice: per row tag, the next-token logits of each step."""
+    seen: dict = collections.defaultdict(list)
+    orig = decode.choose_tokens
+
+    def spy(logits, rows):
+        for b, r in enumerate(rows):
+            seen[r.tag].append(logits[b].clone())
+        return orig(logits, rows)
+
+    monkeypatch.setattr(decode, "choose_tokens", spy)
+    return seen
+
+
+def _script(monkeypatch, script: list[list[int]]):
+    """Make the decoder emit ``script[tag]`` token by token (then its last token again); returns the logits it saw
+    per tag and step."""
+    seen: dict = collections.defaultdict(list)
+
+    def scripted(logits, rows):
+        for b, r in enumerate(rows):
+            seen[r.tag].append(logits[b].clone())
+        return torch.tensor([script[r.tag][min(len(seen[r.tag]), len(script[r.tag])) - 1] for r in rows])
+
+    monkeypatch.setattr(decode, "choose_tokens", scripted)
+    return seen
+
+
+def _naive_step_logits(pipe, prompt: str, script: list[int], prompt_w, gen_w) -> list[torch.Tensor]:
+    """Reference decoding: for each step, the whole sequence again (no KV cache) with per-token weights set by
+    hand: ``prompt_w[t]`` for prompt token t, ``gen_w[j]`` for generated token j."""
+    ids0 = pipe.tokenizer(format_prompt(pipe.tokenizer, prompt), return_tensors="pt")["input_ids"][0]
+    out = []
+    for j in range(len(script)):
+        ids = torch.cat([ids0, torch.tensor(script[:j], dtype=torch.long)]).unsqueeze(0)
+        w = torch.stack(list(prompt_w) + list(gen_w[:j])).unsqueeze(0)
+        with torch.no_grad(), pipe.fused.mixture(w):
+            out.append(pipe.model(input_ids=ids).logits[0, -1].float())
+    return out
+
+
+def _prompt_token_weights(tok, prompt: str, pieces: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per prompt token: the weights of the last piece that starts at or before the token's first character
+    (tokens before the first piece take the first piece's)."""
+    text = format_prompt(tok, prompt)
+    at = text.rfind(prompt)
+    starts = [(at + prompt.index(p), w) for p, w in pieces]
+    offs = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    return [max(((s, w) for s, w in starts if s <= a), key=lambda x: x[0], default=starts[0])[1] for a, _ in offs]
+
+
 def test_greedy_single_adapter_equals_peft_generate(make_pipe, tiny_model_path, adapters):
     from peft import PeftModel
 
@@ -84,7 +139,7 @@ def test_greedy_single_adapter_equals_peft_generate(make_pipe, tiny_model_path, 
     assert [r.text for r in forced] == want
     beta_router = StubRouter({"": 1})                         # always "beta" with prob 0.9 -> top_p 0.8 keeps it alone
     pipe2 = make_pipe(beta_router)
-    routed = pipe2.generate(PROMPTS, granularity="prompt", max_new_tokens=16)
+    routed = pipe2.generate(PROMPTS, SelectionConfig(granularity="prompt"), max_new_tokens=16)
     assert [r.text for r in routed] == want
     assert all(r.routing[0]["selected"] == ["beta"] and r.routing[0]["weights"] == [1.0] for r in routed)
     assert all(r.finish_reason in ("stop", "length") and r.prompt_tokens > 0 for r in routed)
@@ -121,27 +176,16 @@ def test_merge_mode_equals_unmerged(make_pipe):
         [r.text for r in pipe.generate(PROMPTS, weights=forced, max_new_tokens=8)]
     after = pipe.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)   # merge is undone exactly
-
-
-def _spy_tokens(pipe, monkeypatch):
-    steps: list[list[int]] = []
-    orig = pipe._choose
-
-    def spy(*a, **k):
-        t = orig(*a, **k)
-        steps.append(t.tolist())
-        return t
-
-    monkeypatch.setattr(pipe, "_choose", spy)
-    return steps
+    with pipe.decoder(merge=True) as batch, pytest.raises(DLPError, match="one row at a time"):
+        batch.add([DecodeRequest("a", weights=forced), DecodeRequest("b", weights=forced)])
 
 
 def test_eos_stops_each_row_separately(make_pipe, tiny_model_path, adapters, monkeypatch):
     pipe = make_pipe()
-    steps = _spy_tokens(pipe, monkeypatch)
+    seen = _trace(monkeypatch)
     first = pipe.generate(PROMPTS[:2], weights={"alpha": 1.0}, max_new_tokens=8, chat=False)
-    row0 = [s[0] for s in steps]
-    row1 = [s[1] for s in steps if len(s) > 1]
+    row0 = [int(l.argmax()) for l in seen[0]]
+    row1 = [int(l.argmax()) for l in seen[1]]
     only0 = [t for t in row0 if t not in row1]       # a token only row 0 produces becomes an EOS
     eos = next((t for t in only0 if t != row0[0]), only0[0])
     k = row0.index(eos)
@@ -159,12 +203,13 @@ def test_per_row_max_new_tokens_temperature_and_seed(make_pipe):
     res = pipe.generate(PROMPTS[:2], weights={"gamma": 1.0}, max_new_tokens=[3, 7])
     assert [r.completion_tokens for r in res] == [3, 7] or any(r.finish_reason == "stop" for r in res)
     greedy = pipe.generate(PROMPTS[:2], weights={"gamma": 1.0}, max_new_tokens=8)
-    s1 = pipe.generate(PROMPTS[:2], weights={"gamma": 1.0}, max_new_tokens=8, temperature=[0.0, 1.5], seed=3,
-                       top_p_sampling=0.9)
-    s2 = pipe.generate(PROMPTS[:2], weights={"gamma": 1.0}, max_new_tokens=8, temperature=[0.0, 1.5], seed=3,
-                       top_p_sampling=0.9)
+    kw = dict(weights={"gamma": 1.0}, max_new_tokens=8, temperature=[0.0, 1.5], seed=3, top_p_sampling=0.9)
+    s1, s2 = pipe.generate(PROMPTS[:2], **kw), pipe.generate(PROMPTS[:2], **kw)
     assert s1[0].text == greedy[0].text
     assert [r.text for r in s1] == [r.text for r in s2]
+    # each row samples from its own generator (seed + row index): the same alone as in the batch
+    alone = pipe.generate([PROMPTS[0], PROMPTS[1]], **{**kw, "batch_size": 1})
+    assert [r.text for r in alone] == [r.text for r in s1]
 
 
 def test_streaming_callback_and_cancel(make_pipe):
@@ -196,56 +241,46 @@ def test_stop_strings_per_row(make_pipe):
     assert res[1].text == full[1].text
 
 
-def test_sentence_rerouting_changes_the_mixture_at_a_sentence_boundary(make_pipe, monkeypatch):
+def test_sentence_rerouting_switches_the_mixture_at_the_boundary_like_a_naive_reference(make_pipe, monkeypatch):
     router = StubRouter({"First part": 2, "Second": 1, "colour": 0, "Then": 1})
     pipe = make_pipe(router)
     tok = pipe.tokenizer
-    script = [tok.encode(" First part. Second piece. End of it all", add_special_tokens=False),
-              tok.encode(" no boundary here at all ok", add_special_tokens=False)]
-    n_steps = max(map(len, script))
-
-    def scripted(logits, temps, top_p_sampling, gen):
-        step = len(calls)
-        calls.append(step)
-        return torch.tensor([script[b][min(step, len(script[b]) - 1)] for b in range(logits.shape[0])])
-
-    calls: list[int] = []
-    monkeypatch.setattr(pipe, "_choose", scripted)
-    set_calls: list[torch.Tensor] = []
-    orig_set = pipe.fused.set_weights
-    monkeypatch.setattr(pipe.fused, "set_weights", lambda w: (set_calls.append(w.clone()), orig_set(w))[1])
+    out0 = tok.encode(" First part. Second piece. End of it all", add_special_tokens=False)
+    out1 = tok.encode(" no boundary here at all ok", add_special_tokens=False)
+    seen = _script(monkeypatch, [out0, out1])
     prompts = ["Pick a colour. Then add two numbers!", "Hi"]
-    res = pipe.generate(prompts, max_new_tokens=n_steps, top_p=0.8)
-    # prefill: per-token weights; the two prompt sentences of row 0 carry different mixtures
-    pre = set_calls[0]
-    assert pre.dim() == 3
-    row0 = {tuple(pre[0, t].tolist()) for t in range(pre.shape[1])}
-    assert len(row0) == 2
-    # routing of row 0: two prompt sentences, then each completed output sentence
+    sel = SelectionConfig(granularity="sentence", top_p=0.8)
+    res = pipe.generate(prompts, sel, max_new_tokens=len(out0))
     r0 = res[0].routing
     assert [e["source"] for e in r0] == ["prompt", "prompt", "output", "output"]
     assert r0[2]["sentence"] == "First part." and r0[2]["selected"] == ["gamma"]
     assert r0[3]["sentence"] == "Second piece." and r0[3]["selected"] == ["beta"]
     assert r0[2]["probs"]["gamma"] == pytest.approx(0.9)
     assert [e["source"] for e in res[1].routing] == ["prompt"]        # no sentence completed in row 1
-    # after the boundary, row 0 decodes with the new mixture; row 1 keeps its own
-    want = select_top_p(router.probs(["First part."]), 0.8)[0]
-    decode_sets = [w for w in set_calls[1:] if w.dim() == 2]
-    assert any(torch.allclose(w[0], want) for w in decode_sets)
-    assert all(torch.equal(w[1], decode_sets[0][1]) for w in decode_sets if w.shape[0] == 2)
-    # one router call per step at most: prompt sentences in one call, each boundary in its own step
-    assert router.calls[0] == ["Pick a colour.", "Then add two numbers!", "Hi"]
-    assert ["First part."] in router.calls and ["Second piece."] in router.calls
+    # one router call for the prompt sentences of both rows, then one per boundary
+    assert router.calls == [["Pick a colour.", "Then add two numbers!", "Hi"], ["First part."], ["Second piece."]]
+    w = {s: select_top_p(router.probs([s]), 0.8)[0] for s in ("Pick a colour.", "Then add two numbers!",
+                                                             "First part.", "Second piece.")}
+    # by hand: a boundary is seen when the word after ". " arrives; that word is the first fed with the new mixture
+    second = next(j for j in range(len(out0)) if tok.decode(out0[:j + 1]).endswith(". Second"))
+    end = next(j for j in range(len(out0)) if tok.decode(out0[:j + 1]).endswith(". End"))
+    gen_w = [w["Then add two numbers!"] if j < second else w["First part."] if j < end else w["Second piece."]
+             for j in range(len(out0))]
+    prompt_w = _prompt_token_weights(tok, prompts[0], [("Pick a colour.", w["Pick a colour."]),
+                                                       ("Then add", w["Then add two numbers!"])])
+    want = _naive_step_logits(pipe, prompts[0], out0, prompt_w, gen_w)
+    assert len(seen[0]) == len(out0) and all(torch.allclose(g, e, atol=1e-4) for g, e in zip(seen[0], want))
 
 
 def test_route_and_bad_input(make_pipe):
     pipe = make_pipe()
-    probs, w = pipe.route(["Hello there."], top_p=0.5)
+    probs, w = pipe.route(["Hello there."], SelectionConfig(top_p=0.5))
     assert probs.shape == (1, 3) and w.shape == (1, 3) and float(w.sum()) == pytest.approx(1.0)
-    with pytest.raises(DLPError, match="top_p"):
-        pipe.generate(PROMPTS, top_p=1.5)
-    with pytest.raises(DLPError, match="top_p"):
-        pipe.route(["x"], top_p=0.0)
+    probs2, w2 = pipe.route_rows(["Hello there.", "Hello there."],
+                                 [SelectionConfig(top_p=0.5), SelectionConfig(top_p=1.0, weighting="renorm")])
+    assert torch.equal(w2[0], w[0]) and int((w2[1] > 0).sum()) == 3
+    with pytest.raises(DLPError, match="selection"):
+        pipe.generate(PROMPTS, {"top_p": 0.5})
     with pytest.raises(DLPError, match="expected shape"):
         pipe.generate(PROMPTS, weights=torch.ones(3, 2))
     with pytest.raises(DLPError, match=">= 0"):
@@ -254,8 +289,12 @@ def test_route_and_bad_input(make_pipe):
         pipe.generate(PROMPTS[:1], weights=[torch.tensor([float("nan"), 0.0, 0.0])])
     with pytest.raises(DLPError, match="unknown task"):
         pipe.generate(PROMPTS[:1], weights={"nope": 1.0})
-    with pytest.raises(DLPError, match="granularity"):
-        pipe.generate(PROMPTS, granularity="token")
+    with pytest.raises(DLPError, match="max_new_tokens"):
+        pipe.generate(PROMPTS, max_new_tokens=[4, 0, 4])
+    with pytest.raises(DLPError, match="top_p_sampling"):
+        pipe.generate(PROMPTS, top_p_sampling=0.0)
+    with pytest.raises(DLPError, match="segment_weights: 1 mixtures for a prompt of 2 numbered"):
+        pipe.generate(["1. a\n2. b"], segment_weights=[[{"alpha": 1.0}]])
     no_router = DLPPipeline(pipe.model, pipe.tokenizer, pipe.fused, None)
     with pytest.raises(DLPError, match="router"):
         no_router.generate(PROMPTS)
@@ -272,16 +311,181 @@ def test_router_labels_and_tokenizer_are_checked(make_pipe, tiny_model_path, ada
         make_pipe(other_tok)
 
 
-def test_from_pretrained_with_a_run_folder(tiny_model_path, run_dir):
-    pipe = DLPPipeline.from_pretrained(tiny_model_path, run_dir, router=StubRouter(), device="cpu", dtype="fp32")
+def test_from_run_with_a_run_folder(tiny_model_path, run_dir):
+    pipe = DLPPipeline.from_run(run_dir, model=str(tiny_model_path), router=StubRouter(), device="cpu",
+                                dtype="fp32")
     assert pipe.names == NAMES and pipe.fused.names == NAMES
     res = pipe.generate(["Hello. World?"], max_new_tokens=4)
     assert res[0].completion_tokens <= 4 and len(res[0].routing) >= 2
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# The step-level decoder: rows join a running batch and leave it
+
+JOINERS = [   # rows on different mixtures, granularities and sampling settings, prompts of different lengths
+    DecodeRequest("Hi", weights={"alpha": 0.7, "gamma": 0.3}, max_new_tokens=14, tag=0),
+    DecodeRequest("What is two plus two? Answer briefly.", SelectionConfig(granularity="sentence"),
+                  max_new_tokens=10, tag=1),
+    DecodeRequest("Answer each question.\n1. Name a colour. Be brief.\n2. What is two plus two?",
+                  SelectionConfig(granularity="segment"), max_new_tokens=12, tag=2),
+    DecodeRequest("Tell me a story about a fox.", weights={"beta": 1.0}, temperature=1.0, top_p_sampling=0.9,
+                  seed=7, max_new_tokens=9, tag=3),
+    DecodeRequest("Name a colour.", weights={}, max_new_tokens=6, tag=4),         # all-zero: the base model
+]
+
+
+def _decode(pipe, requests, joins, sizes=None):
+    """Run ``requests`` through one DecodeBatch, request i joining before step ``joins[i]``; rows by tag.
+    ``sizes`` collects the batch size of every step."""
+    out, step = {}, 0
+    with pipe.decoder() as batch:
+        while step <= max(joins) or batch:
+            batch.add([r for r, j in zip(requests, joins) if j == step])
+            if sizes is not None:
+                sizes.append(len(batch))
+            out.update((row.tag, row) for row in batch.step())
+            step += 1
+    return out
+
+
+@pytest.mark.parametrize("joins", [(0, 0, 1, 4, 7), (0, 2, 2, 5, 11), (3, 0, 0, 1, 1)])
+def test_rows_joining_a_busy_batch_decode_exactly_as_alone(make_pipe, monkeypatch, joins):
+    pipe = make_pipe(StubRouter({"colour": 0, "two plus": 2, "Answer each": 1}))
+    seen = _trace(monkeypatch)
+    alone = {r.tag: _decode(pipe, [r], [0])[r.tag] for r in JOINERS}
+    alone_logits = {tag: list(v) for tag, v in seen.items()}
+    seen.clear()
+    sizes: list[int] = []
+    together = _decode(pipe, JOINERS, joins, sizes)
+    assert max(sizes) >= 3
+    for r in JOINERS:
+        a, t = alone[r.tag], together[r.tag]
+        assert t.ids == a.ids and t.text == a.text and t.finish == a.finish, r.tag
+        assert t.routing == a.routing, r.tag
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(seen[r.tag], alone_logits[r.tag])), r.tag
+    assert together[2].routing[0]["source"] == "segment" and len(together[2].routing) == 2
+
+
+def test_mixture_switches_of_rows_in_a_changing_batch_match_each_row_alone(make_pipe, monkeypatch):
+    """Scripted outputs make the sentence row re-route and the segment row switch while other rows join and
+    leave; every row sees the same logits at every step as when it runs alone."""
+    pipe = make_pipe(StubRouter({"colour": 0, "plus": 2, "First": 2, "Second": 1}))
+    tok = pipe.tokenizer
+    reqs = [DecodeRequest("Answer.\n1. Name a colour.\n2. What is two plus two?",
+                          SelectionConfig(granularity="segment"), max_new_tokens=9, tag=0),
+            DecodeRequest("Say two sentences.", SelectionConfig(granularity="sentence"), max_new_tokens=8, tag=1),
+            DecodeRequest("Hi", weights={"beta": 1.0}, max_new_tokens=3, tag=2)]
+    script = [tok.encode("1. Red\n2. Four\n", add_special_tokens=False),
+              tok.encode(" First part. Second piece. End", add_special_tokens=False),
+              tok.encode(" ok ok ok", add_special_tokens=False)]
+    seen = _script(monkeypatch, script)
+    alone = {r.tag: _decode(pipe, [r], [0])[r.tag] for r in reqs}
+    alone_logits = {tag: list(v) for tag, v in seen.items()}
+    seen.clear()
+    together = _decode(pipe, reqs, [2, 0, 1])
+    assert [e["source"] for e in together[1].routing] == ["prompt", "output", "output"]
+    for r in reqs:
+        assert together[r.tag].routing == alone[r.tag].routing and together[r.tag].ids == alone[r.tag].ids
+        assert len(seen[r.tag]) == len(alone_logits[r.tag])
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(seen[r.tag], alone_logits[r.tag])), r.tag
+
+
+def test_finished_rows_leave_and_the_cache_is_cut_from_the_left(make_pipe):
+    pipe = make_pipe()
+    long_prompt = "Please describe, in several careful sentences, the colour of the sky at noon."
+    with pipe.decoder() as batch:
+        short, long = batch.add([DecodeRequest("Hi", weights={"alpha": 1.0}, max_new_tokens=8, tag="s"),
+                                 DecodeRequest(long_prompt, weights={"beta": 1.0}, max_new_tokens=2, tag="l")])
+        assert batch.width == long.prompt_tokens
+        done = batch.step() + batch.step()
+        assert [r.tag for r in done] == ["l"] and len(batch) == 1
+        assert batch.width == short.prompt_tokens + len(short.ids)       # the long prompt's columns are gone
+        while batch:
+            batch.step()
+    assert short.text == pipe.generate(["Hi"], weights={"alpha": 1.0}, max_new_tokens=8)[0].text
+
+
+def test_cancelling_one_row_leaves_the_others_unchanged(make_pipe):
+    pipe = make_pipe()
+    reqs = [DecodeRequest(p, weights=w, max_new_tokens=10, tag=i)
+            for i, (p, w) in enumerate(zip(PROMPTS, [{"alpha": 1.0}, {"beta": 0.5, "gamma": 0.5}, {"gamma": 1.0}]))]
+    alone = {r.tag: _decode(pipe, [r], [0])[r.tag] for r in reqs}
+    with pipe.decoder() as batch:
+        rows = batch.add(reqs)
+        for _ in range(3):
+            batch.step()
+        rows[1].cancel()
+        left = batch.step()
+        assert [r.tag for r in left] == [1] and rows[1].finish == "cancelled" and len(rows[1].ids) == 3
+        while batch:
+            batch.step()
+    assert rows[1].result().finish_reason == "cancelled" and rows[1].result().completion_tokens == 3
+    for i in (0, 2):
+        assert rows[i].ids == alone[i].ids and rows[i].text == alone[i].text
+
+
+def test_generate_refills_the_batch_as_rows_finish(make_pipe, monkeypatch):
+    pipe = make_pipe()
+    sizes: list[int] = []
+    orig = decode.choose_tokens
+    monkeypatch.setattr(decode, "choose_tokens", lambda logits, rows: (sizes.append(len(rows)), orig(logits, rows))[1])
+    prompts = PROMPTS + ["Name a fruit.", "Count to three."]
+    budgets = [2, 9, 4, 6, 3]
+    res = pipe.generate(prompts, weights={"beta": 0.6, "gamma": 0.4}, max_new_tokens=budgets, batch_size=2)
+    assert max(sizes) == 2 and len(sizes) < sum(budgets)       # rows decode two at a time, joining as others leave
+    for p, n, r in zip(prompts, budgets, res):
+        assert r.text == pipe.generate([p], weights={"beta": 0.6, "gamma": 0.4}, max_new_tokens=n)[0].text
+
+
+# Segment granularity (ours, beyond the paper): answer i on the mixture of question i
+
+def test_numbered_item_rule():
+    text = 'Answer like this:\n1. Paris\n2. (B)\n\n1. What is 2+3?\n2. Is it\n   true?\n3. Sort "b a".'
+    assert [text[a:b] for a, b in numbered_items(text)] == ["1. What is 2+3?", "2. Is it\n   true?",
+                                                            '3. Sort "b a".']
+    assert numbered_items("no items here\n2. starts at two") == []
+    assert last_item_number("1. 7\n2.") == (2, 7)                  # seen as soon as the "." arrives
+    assert last_item_number("1. 7\n2.5 apples")[0] == 1            # 2.5 is a number, not a label
+    assert last_item_number("** 3.** x")[0] == 3
+    assert split_sentences("One. Two!\nThree") == ["One.", "Two!", "Three"]
+    assert last_sentence_end("One. Tw") == 5 and last_sentence_end("One.") == -1
+
+
+def test_segment_mixture_switches_exactly_at_the_answer_label(make_pipe, monkeypatch):
+    router = StubRouter({"colour": 0, "plus": 2})
+    pipe = make_pipe(router)
+    tok = pipe.tokenizer
+    prompt = "Answer each question on its own numbered line.\n1. Name a colour.\n2. What is two plus two?"
+    out = tok.encode("1. Red\n2. Four\n3. x", add_special_tokens=False)
+    seen = _script(monkeypatch, [out])
+    res = pipe.generate([prompt], SelectionConfig(granularity="segment"), max_new_tokens=len(out))[0]
+    assert [(e["sentence"], e["selected"], e["source"]) for e in res.routing] == [
+        ("Name a colour.", ["alpha"], "segment"), ("What is two plus two?", ["gamma"], "segment")]
+    assert router.calls == [["Name a colour.", "What is two plus two?"]]       # the output is never routed
+    w1, w2 = (select_top_p(router.probs([q]), 0.8)[0] for q in ("Name a colour.", "What is two plus two?"))
+    # by hand: tokens up to the "." of "2." decide nothing new; from the "." on, item 2's mixture ("3." is no item)
+    label2 = next(j for j in range(len(out)) if tok.decode(out[:j + 1]).endswith("\n2."))
+    assert 2 < label2 < len(out) - 3
+    gen_w = [w1 if j < label2 else w2 for j in range(len(out))]
+    prompt_w = _prompt_token_weights(tok, prompt, [("1. Name", w1), ("2. What", w2)])
+    want = _naive_step_logits(pipe, prompt, out, prompt_w, gen_w)
+    assert len(seen[0]) == len(out) and all(torch.allclose(g, e, atol=1e-4) for g, e in zip(seen[0], want))
+
+
+def test_forced_segment_weights_and_prompts_without_items(make_pipe):
+    router = StubRouter({"colour": 0, "plus": 2})
+    pipe = make_pipe(router)
+    prompt = "1. Name a colour.\n2. What is two plus two?"
+    routed = pipe.generate([prompt], SelectionConfig(granularity="segment"), max_new_tokens=10)[0]
+    oracle = pipe.generate([prompt], segment_weights=[[{"alpha": 1.0}, {"gamma": 1.0}]], max_new_tokens=10)[0]
+    assert oracle.text == routed.text
+    assert [(e["selected"], e["source"]) for e in oracle.routing] == [(["alpha"], "forced"), (["gamma"], "forced")]
+    plain = "Name a colour. What is two plus two?"           # no numbered items: like prompt granularity
+    seg = pipe.generate([plain], SelectionConfig(granularity="segment"), max_new_tokens=8)[0]
+    whole = pipe.generate([plain], SelectionConfig(granularity="prompt"), max_new_tokens=8)[0]
+    assert seg.text == whole.text and seg.routing == whole.routing and seg.routing[0]["source"] == "prompt"
+
+
 # CLI
-# ---------------------------------------------------------------------------------------------------------------
 
 def test_cli_generate_json_and_export_mixture(cli, tiny_model_path, run_dir, tmp_path, tiny):
     from peft import PeftModel
@@ -348,7 +552,7 @@ def test_default_model_greedy_single_adapter_equals_peft(tmp_path):
     prompts = ["What is the capital of France?", "Sort these words: pear, apple."]
     want = _hf_greedy(peft_model, tok, prompts, 12)
     pipe = DLPPipeline(model, tok, fuse_adapters(model, dirs), StubRouter({"": 2}))
-    assert [r.text for r in pipe.generate(prompts, granularity="prompt", max_new_tokens=12)] == want
+    assert [r.text for r in pipe.generate(prompts, SelectionConfig(granularity="prompt"), max_new_tokens=12)] == want
     mix = [{"alpha": 0.6, "beta": 0.4}, {"gamma": 1.0}]
     both = pipe.generate(prompts, weights=mix, max_new_tokens=12)
     assert [pipe.generate([p], weights=[m], max_new_tokens=12)[0].text for p, m in zip(prompts, mix)] == \
