@@ -290,16 +290,18 @@ def ends_sentence(text: str) -> bool:
 
 
 def numbered_items(text: str) -> list[tuple[int, int]]:
-    """``(start, end)`` of items ``1.`` .. ``N.`` of ``text``: the last run of item lines numbered 1, 2, ... in
-    order (an example list in an instruction before the questions is skipped). Item i runs from its label to the
-    next item's label (continuation lines included), the last one to the end. ``[]`` when there is no item 1."""
-    marks = [(int(m.group(1)), m.start()) for m in NUMBERED_ITEM.finditer(text)]
-    run: list[int] = []
-    for number, start in marks:
+    """``(start, end)`` of items ``1.`` .. ``N.`` of ``text``: the longest run of item lines numbered 1, 2, ... in
+    order, the last one of equal length (so an example list in an instruction before the questions, or a short
+    list inside the last question, is not taken for the questions). Item i runs from its label to the next
+    item's label (continuation lines included), the last one to the end. ``[]`` when there is no item 1."""
+    runs: list[list[int]] = []
+    for m in NUMBERED_ITEM.finditer(text):
+        number = int(m.group(1))
         if number == 1:
-            run = [start]
-        elif run and number == len(run) + 1:
-            run.append(start)
+            runs.append([m.start()])
+        elif runs and number == len(runs[-1]) + 1:
+            runs[-1].append(m.start())
+    run = max(reversed(runs), key=len, default=[])
     ends = run[1:] + [len(text)]
     return [(a, a + len(text[a:b].rstrip())) for a, b in zip(run, ends)]
 

@@ -443,6 +443,8 @@ def test_numbered_item_rule():
     assert [text[a:b] for a, b in numbered_items(text)] == ["1. What is 2+3?", "2. Is it\n   true?",
                                                             '3. Sort "b a".']
     assert numbered_items("no items here\n2. starts at two") == []
+    inner = "1. Sort.\n2. Which holds?\n3. Pick one:\n1. yes\n2. no"       # a list inside the last question
+    assert [inner[a:b] for a, b in numbered_items(inner)][2] == "3. Pick one:\n1. yes\n2. no"
     assert last_item_number("1. 7\n2.") == (2, 7)                  # seen as soon as the "." arrives
     assert last_item_number("1. 7\n2.5 apples")[0] == 1            # 2.5 is a number, not a label
     assert last_item_number("** 3.** x")[0] == 3
