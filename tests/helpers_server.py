@@ -1,60 +1,50 @@
-"""Fixtures for the server and proxy tests: a real run folder on the tiny model (three random adapters, a
-mini-MLP router trained on built-in tasks), a real pipeline, and apps served by uvicorn in a background thread
-on a free loopback port."""
+"""Fixtures for the server and proxy tests: a run whose adapters clearly differ, its real pipeline, and apps served
+by uvicorn (with the server's own configuration) in a background thread on a free loopback port."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-TASKS = ["arithmetic", "capitals", "word_sorting"]   # file-name order == adapters.txt order == router labels
+from conftest import free_port
+
+TASKS = ["arithmetic", "capitals", "word_sorting"]   # conftest's tiny_run tasks == adapters.txt order == router labels
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def random_adapter_run(tiny_run: Path, model_path: Path, root: Path, rank: int = 8) -> Path:
+    """The shared tiny run with its adapters replaced by random ones of the same tasks (its router is reused).
 
-
-def build_run(model_path: Path, root: Path, tasks=TASKS, rank: int = 8) -> Path:
-    """RUN/adapters/<task> (random PEFT adapters), RUN/adapters.txt, RUN/router_data, RUN/router."""
-    from dlp_lora.config import RouterConfig, RouterDataConfig
+    The server tests must tell rows apart: after two training steps the tiny run's adapters still answer like the
+    base model, so a request served another row's mixture would go unnoticed. Random adapters answer differently."""
     from dlp_lora.fusion import make_random_adapter
-    from dlp_lora.lora import write_adapter_list
     from dlp_lora.models import load_model
-    from dlp_lora.router import make_router_data, train_router
-    from dlp_lora.tasks import write_builtin_tasks
+    from dlp_lora.run import write_adapter_list
 
-    data = root / "data"
-    write_builtin_tasks(data, n=40, seed=0, tasks=list(tasks))
     run = root / "run"
+    shutil.copytree(tiny_run / "router", run / "router")
     model, _ = load_model(model_path, device="cpu", dtype="fp32")
     dirs = [make_random_adapter(model, run / "adapters" / t, rank=rank, alpha=2 * rank, seed=i + 1, task=t)
-            for i, t in enumerate(tasks)]
+            for i, t in enumerate(TASKS)]
     write_adapter_list(run / "adapters.txt", dirs)
-    make_router_data(run / "router_data", data_dir=data, config=RouterDataConfig(val_frac=0.2, test_frac=0.2),
-                     progress=False)
-    train_router(run / "router_data", model_path, run / "router",
-                 RouterConfig(epochs=6, embed_dim=32, hidden_dim=64, batch_size=16), progress=False)
     return run
 
 
 @pytest.fixture(scope="session")
-def serve_run(tiny_model_path, tmp_path_factory) -> Path:
-    return build_run(tiny_model_path, tmp_path_factory.mktemp("serve_run"))
+def serve_run(tiny_run, tiny_model_path, tmp_path_factory) -> Path:
+    return random_adapter_run(tiny_run, tiny_model_path, tmp_path_factory.mktemp("serve_run"))
 
 
 @pytest.fixture(scope="session")
-def serve_pipeline(serve_run, tiny_model_path):
-    """The real DLPPipeline of the run (tiny model, fp32, CPU). Shared: the server never mutates it."""
+def serve_pipeline(serve_run):
+    """The real DLPPipeline of the run (its own tiny base model, fp32, CPU). Shared: the server never mutates it."""
     from dlp_lora.pipeline import DLPPipeline
 
-    return DLPPipeline.from_pretrained(tiny_model_path, serve_run, serve_run / "router", device="cpu", dtype="fp32")
+    return DLPPipeline.from_run(serve_run, device="cpu", dtype="fp32")
 
 
 class Served:
@@ -75,8 +65,10 @@ def serving(app, timeout: float = 30.0):
     """Serve ``app`` with uvicorn on 127.0.0.1:<free port> in a daemon thread; stop it on exit."""
     import uvicorn
 
+    from dlp_lora.serve import server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     t0 = time.monotonic()

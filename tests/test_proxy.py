@@ -1,35 +1,48 @@
-"""``dlp-lora serve --upstream`` (issue 11): the router runs in the proxy, generation runs on an OpenAI-compatible
-LoRA server. The upstream here is our own server (it speaks vLLM's /v1/load_lora_adapter), so the whole path -
-route, export the mixture, register it upstream, reuse it from the cache - runs without a GPU."""
+"""``dlp-lora serve --upstream``: the router runs in the proxy, generation runs on an OpenAI-compatible LoRA
+server. The upstream here is our own server (it speaks vLLM's /v1/load_lora_adapter), so the whole path - route,
+export the mixture, register it upstream, reuse it from the cache - runs without a GPU; a scripted fake upstream
+sends what a broken or hostile one could."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shlex
+import stat
 import time
 
 import httpx
 import openai
 import pytest
 
-from helpers_server import TASKS, free_port, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
+from conftest import free_port
+from helpers_server import TASKS, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
 
-from dlp_lora.proxy import UpstreamProxy, mixture_key, mixture_name, simulate_cache, vllm_command
-from dlp_lora.server import ServeConfig, create_app
+from dlp_lora.serve import ServeConfig, create_app
+from dlp_lora.serve.proxy import UpstreamProxy, mixture_key, mixture_name, simulate_cache, vllm_command
 
 MAX = 12
 
 
 @pytest.fixture(scope="module")
-def proxy_pipeline(serve_run, tiny_model_path):
+def proxy_pipeline(serve_run):
     """The proxy's own pipeline (router + fused adapters, used for routing and exporting only)."""
     from dlp_lora.pipeline import DLPPipeline
 
-    return DLPPipeline.from_pretrained(tiny_model_path, serve_run, serve_run / "router", device="cpu", dtype="fp32")
+    return DLPPipeline.from_run(serve_run, device="cpu", dtype="fp32")
+
+
+def readable_roots(tmp_path_factory) -> tuple[str, ...]:
+    """Where an upstream may load the proxy's mixtures from: the test folders and the system temp folder (a
+    proxy without --mixture-dir exports there)."""
+    import tempfile
+
+    return (str(tmp_path_factory.getbasetemp()), tempfile.gettempdir())
 
 
 @pytest.fixture(scope="module")
-def upstream(serve_pipeline):
-    app = create_app(serve_pipeline, ServeConfig(max_loaded_adapters=8))
+def upstream(serve_pipeline, tmp_path_factory):
+    app = create_app(serve_pipeline, ServeConfig(max_loaded_adapters=8, adapter_roots=readable_roots(tmp_path_factory)))
     with serving(app) as s:
         yield s
 
@@ -100,7 +113,7 @@ def test_mixture_is_exported_loaded_and_reused_from_the_cache(client, proxy, ups
 
 
 def test_routed_mixture_through_the_proxy_equals_the_direct_fused_engine(client, upstream, serve_pipeline):
-    """Issue 11 item 3: route -> export -> load upstream -> generate == the fused engine, same mixture, greedy."""
+    """route -> export -> load upstream -> generate == the fused engine, same mixture, greedy."""
     for prompt in ["What is 12 plus 30?", "Name the capital of Spain and sort: b a."]:
         r = client.chat.completions.create(model="dlp", messages=[{"role": "user", "content": prompt}],
                                            max_tokens=MAX, extra_body={"dlp": {"top_p": 1.0, "weighting": "renorm"}})
@@ -161,9 +174,9 @@ def test_upstream_down_is_a_502_json_error(proxy_pipeline):
         assert httpx.post(s.base_url + "/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
-def test_upstream_refusing_the_adapter_is_a_clear_error(proxy_pipeline, serve_pipeline, tmp_path):
+def test_upstream_refusing_the_adapter_is_a_clear_error(proxy_pipeline, serve_pipeline, tmp_path, tmp_path_factory):
     # like vLLM started with --max-lora-rank 8: rank-8 task adapters work, a rank-16 mixture is refused
-    up = create_app(serve_pipeline, ServeConfig(max_lora_rank=8))
+    up = create_app(serve_pipeline, ServeConfig(max_lora_rank=8, adapter_roots=readable_roots(tmp_path_factory)))
     with serving(up) as u:
         with serving(create_app(proxy_pipeline, ServeConfig(upstream=u.base_url, mixture_dir=str(tmp_path)))) as s:
             ok = httpx.post(s.base_url + "/completions", json={"model": "dlp:capitals", "prompt": "x", "max_tokens": 2})
@@ -199,7 +212,7 @@ def test_mixture_cache_key_and_simulation():
         UpstreamProxy(type("P", (), {"names": ["a"]})(), "http://x", cache_size=0)
 
 
-def test_vllm_command_names_every_adapter_with_a_rank_for_the_largest_mixture(serve_run, cli):
+def test_vllm_command_names_every_adapter_with_a_rank_for_the_largest_mixture(serve_run, tiny_model_path, cli):
     cmd = vllm_command(serve_run, model="HuggingFaceTB/SmolLM2-135M-Instruct", max_adapters=2, mixture_cache=16)
     assert cmd.startswith("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve HuggingFaceTB/SmolLM2-135M-Instruct")
     assert "--enable-lora" in cmd and "--max-lora-rank 16 " in cmd + " "     # 2 adapters x rank 8
@@ -208,7 +221,8 @@ def test_vllm_command_names_every_adapter_with_a_rank_for_the_largest_mixture(se
         assert f"{t}={(serve_run / 'adapters' / t).resolve()}" in cmd
     assert "--max-lora-rank 32" in vllm_command(serve_run)                  # uncapped: 3 x 8 = 24 -> 32
     res = cli("serve", "--run", serve_run, "--print-vllm-command", "--max-adapters", "2")
-    assert res.code == 0 and "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in res.out
+    # without --vllm-model: the base model the run's adapters were trained on
+    assert res.code == 0 and f"vllm serve {shlex.quote(str(tiny_model_path))}" in res.out
 
 
 def test_client_leaving_a_proxied_stream_frees_the_upstream_slot(client, proxy, upstream):
@@ -258,3 +272,140 @@ def test_proxy_shutdown_unloads_its_mixtures_upstream(proxy_pipeline, upstream):
         mixture_dir = s.app.state.proxy.mixture_dir
         assert name in engine(upstream).loaded and (mixture_dir / name).is_dir()
     assert name not in engine(upstream).loaded and not mixture_dir.exists()
+
+
+# an upstream that cannot be trusted ---------------------------------------------------------------------------------
+
+GOOD = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+GOOD_CHUNK = "data: " + json.dumps({"id": "x", "object": "text_completion",
+                                    "choices": [{"index": 0, "text": "o", "finish_reason": None}]}) + "\n\n"
+
+
+def fake_upstream(script: dict):
+    """An OpenAI-shaped upstream that answers generation requests as ``script["mode"]`` says (and counts the
+    answers it finished in ``script["finished"]``)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    bodies = {"array": "[1, 2]", "null": "null", "empty": "{}", "no_choices": '{"id": "x"}',
+              "bad_choices": '{"choices": [1]}', "nan": '{"choices": [{"text": NaN}]}', "html": "<html>oops</html>",
+              "json_instead": json.dumps(GOOD)}
+    chunks = {"bad_chunk": [GOOD_CHUNK, "data: {not json\n\n"], "no_done": [GOOD_CHUNK],
+              "chunk_array": [GOOD_CHUNK, "data: [1, 2]\n\n"],
+              "error_event": [GOOD_CHUNK, 'data: {"error": {"message": "kaboom"}}\n\n']}
+
+    async def generate(request):
+        mode = script["mode"]
+        if mode == "slow":
+            await asyncio.sleep(script["delay"])
+            script["finished"] += 1
+            return JSONResponse(GOOD)
+        if mode in chunks:
+            async def events():
+                for c in chunks[mode]:
+                    yield c.encode()
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return Response(bodies[mode], media_type="text/html" if mode == "html" else "application/json")
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "fake-base", "object": "model"}]})
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", generate, methods=["POST"]),
+                             Route("/v1/chat/completions", generate, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def scripted(proxy_pipeline):
+    """(script, proxy served in front of the fake upstream)."""
+    script = {"mode": "array", "delay": 0.0, "finished": 0}
+    with serving(fake_upstream(script)) as up:
+        with serving(create_app(proxy_pipeline, ServeConfig(upstream=up.url, upstream_timeout_s=2))) as s:
+            yield script, s
+
+
+@pytest.mark.parametrize("mode", ["array", "null", "empty", "no_choices", "bad_choices", "nan", "html"])
+def test_an_answer_that_is_not_a_completion_is_a_clean_502(scripted, mode):
+    script, s = scripted
+    script["mode"] = mode
+    r = httpx.post(s.base_url + "/completions", json={"model": "base", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 502 and r.headers["content-type"] == "application/json", r.text
+    err = r.json()["error"]
+    assert err["code"] == "upstream_bad_response" and s.app.state.proxy.url in err["message"]
+    assert "\n" not in err["message"] and s.app.state.proxy.inflight == 0
+
+
+def test_a_non_sse_answer_to_a_stream_is_a_clean_502(scripted):
+    script, s = scripted
+    script["mode"] = "json_instead"
+    body = {"model": "base", "prompt": "x", "max_tokens": 2, "stream": True}
+    r = httpx.post(s.base_url + "/completions", json=body, timeout=30)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response"
+    assert "not server-sent events" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mode,needle", [("bad_chunk", "not valid JSON"), ("no_done", "without data: [DONE]"),
+                                         ("chunk_array", "not an OpenAI completion chunk"), ("error_event", "kaboom")])
+def test_a_broken_stream_ends_with_an_error_event_and_done(scripted, mode, needle):
+    script, s = scripted
+    script["mode"] = mode
+    body = {"model": "base", "prompt": "x", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", s.base_url + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [l for l in r.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+    first, last = json.loads(lines[0][6:]), json.loads(lines[-2][6:])
+    assert first["choices"][0]["text"] == "o" and first["model"] == "base"      # the good chunk was relayed
+    assert last["error"]["type"] == "upstream_error" and needle in last["error"]["message"]
+    assert s.app.state.proxy.inflight == 0
+
+
+def test_a_slow_upstream_is_a_504_after_the_upstream_timeout(scripted):
+    script, s = scripted
+    script.update(mode="slow", delay=5.0)
+    for stream in (False, True):
+        body = {"model": "base", "prompt": "x", "max_tokens": 2, "stream": stream}
+        r = httpx.post(s.base_url + "/completions", json=body, timeout=30)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "upstream_timeout" and "2 s" in r.json()["error"]["message"]
+    assert s.app.state.proxy.inflight == 0
+
+
+def test_a_client_leaving_a_proxied_request_frees_its_slot_at_once(proxy_pipeline):
+    script = {"mode": "slow", "delay": 20.0, "finished": 0}
+    with serving(fake_upstream(script)) as up:
+        with serving(create_app(proxy_pipeline, ServeConfig(upstream=up.url, upstream_timeout_s=60))) as s:
+            p = s.app.state.proxy
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.base_url + "/completions", json={"model": "base", "prompt": "x"}, timeout=1.0)
+            t0 = time.monotonic()
+            while p.inflight:
+                assert time.monotonic() - t0 < 15, p.stats()
+                time.sleep(0.05)
+            assert script["finished"] == 0       # freed while the upstream was still working on it
+
+
+@pytest.mark.parametrize("mode,modes", [("", (0o755, 0o644)), ("private", (0o700, 0o600)),
+                                        ("shared", (0o755, 0o644))])
+def test_mixture_folders_have_the_documented_mode(proxy_pipeline, upstream, tmp_path, mode, modes):
+    mix_dir = tmp_path / "mixtures"
+    cfg = ServeConfig(upstream=upstream.url, mixture_dir=str(mix_dir), mixture_mode=mode)
+    with serving(create_app(proxy_pipeline, cfg)) as s:
+        r = httpx.post(s.base_url + "/completions", timeout=60, json={
+            "model": "dlp", "prompt": "x", "max_tokens": 2, "dlp": {"weights": {"capitals": 0.35, "arithmetic": 0.65}}})
+        assert r.status_code == 200, r.text
+        folder = mix_dir / r.json()["dlp_upstream"]["model"]
+        assert stat.S_IMODE(mix_dir.stat().st_mode) == modes[0]
+        assert stat.S_IMODE(folder.stat().st_mode) == modes[0]
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        assert files and {stat.S_IMODE(f.stat().st_mode) for f in files} == {modes[1]}
+
+
+def test_the_temp_mixture_folder_is_private_by_default(proxy_pipeline):
+    p = UpstreamProxy(proxy_pipeline, "http://127.0.0.1:1")
+    try:
+        assert stat.S_IMODE(p.mixture_dir.stat().st_mode) == 0o700
+    finally:
+        asyncio.run(p.aclose())
+    assert not p.mixture_dir.exists()

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server (issue 10): the official ``openai`` client against ``create_app`` served by uvicorn
-on a free loopback port, with the real pipeline (tiny model, three random adapters, a trained mini-MLP router)."""
+"""The OpenAI-compatible server: the official ``openai`` client against ``create_app`` served by uvicorn on a free
+loopback port, with the real pipeline (tiny model, three random adapters, the tiny run's mini-MLP router)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ import pytest
 from helpers_server import TASKS, serve_pipeline, serve_run, serving  # noqa: F401 (fixtures)
 
 from dlp_lora.config import DLPError
-from dlp_lora.server import ServeConfig, create_app
+from dlp_lora.selection import SelectionConfig
+from dlp_lora.serve import ServeConfig, create_app
 
 Q_ROUTED = "What is 17 plus 25? Give the number."
 MAX = 12
 
 
-def direct(pipe, prompt, *, chat=True, weights=None, max_new_tokens=MAX, stop=None, **kw):
+def direct(pipe, prompt, *, chat=True, weights=None, max_new_tokens=MAX, stop=None, selection=None):
     """The engine's own greedy answer for one request (the reference the server must reproduce)."""
-    return pipe.generate([prompt], chat=chat, weights=None if weights is None else [weights],
-                         max_new_tokens=max_new_tokens, stop=stop, **kw)[0]
+    return pipe.generate([prompt], selection, chat=chat, weights=None if weights is None else [weights],
+                         max_new_tokens=max_new_tokens, stop=stop)[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,7 @@ def locked(srv):
     return srv.app.state.engine.lock
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# models, completions, chat, routing
-# ---------------------------------------------------------------------------------------------------------------
+# models, completions, chat, routing -------------------------------------------------------------------------------
 
 def test_models_lists_dlp_base_and_every_adapter(client):
     ids = [m.id for m in client.models.list().data]
@@ -132,7 +131,7 @@ def test_multi_message_chat_routes_on_user_turns(client, srv, serve_pipeline):
     e = r.dlp_routing[0]
     assert e["sentence"] == "What is 2 plus 2?\nAnd 3 plus 3?"
     with locked(srv):
-        probs, w = serve_pipeline.route([e["sentence"]], top_p=0.8)
+        probs, w = serve_pipeline.route([e["sentence"]], SelectionConfig())
         text = serve_pipeline.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ref = direct(serve_pipeline, text, chat=False, weights=w[0])
     assert e["selected"] == [TASKS[i] for i in w[0].nonzero().flatten().tolist()] or \
@@ -160,9 +159,7 @@ def test_seeded_sampling_is_reproducible(client):
     assert len(set(other + [greedy.choices[0].text])) > 1       # sampling really samples
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# streaming
-# ---------------------------------------------------------------------------------------------------------------
+# streaming --------------------------------------------------------------------------------------------------------
 
 def test_chat_streaming_matches_non_streaming(client):
     msgs = [{"role": "user", "content": Q_ROUTED}]
@@ -195,17 +192,15 @@ def test_completion_streaming_raw_sse_ends_with_done(srv, client):
     assert events[-1]["usage"]["completion_tokens"] == ref.usage.completion_tokens
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# batching
-# ---------------------------------------------------------------------------------------------------------------
+# batching ---------------------------------------------------------------------------------------------------------
 
 def test_16_concurrent_requests_are_answered_correctly_in_batches(srv, client, serve_pipeline, monkeypatch):
     seen = []
     real = serve_pipeline.generate
 
-    def spy(prompts, **kw):  # what the engine itself is handed
+    def spy(prompts, *args, **kw):  # what the engine itself is handed
         seen.append(len(prompts))
-        return real(prompts, **kw)
+        return real(prompts, *args, **kw)
 
     monkeypatch.setattr(serve_pipeline, "generate", spy)
     models = ["dlp", "base"] + [f"dlp:{t}" for t in TASKS]
@@ -268,9 +263,7 @@ def test_sustained_concurrent_load_has_no_errors(serve_pipeline):
     assert app.state.stats.errors == 0 and app.state.stats.rows == 48
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------------------------
+# errors -----------------------------------------------------------------------------------------------------------
 
 def _post(srv, path, body=None, content=None, headers=None):
     r = httpx.post(srv.base_url + path, json=body, content=content, headers=headers, timeout=30)
@@ -396,7 +389,7 @@ def test_client_disconnect_mid_stream_frees_its_slot(serve_pipeline):
         ref = serve_pipeline.generate([prompt], chat=False, weights=[{"capitals": 1.0}], max_new_tokens=300)[0]
     assert ref.finish_reason == "length"          # this prompt does not stop early: a fair test of cancelling
     with serving(app) as s:
-        body = {"model": "dlp:capitals", "prompt": prompt, "max_tokens": 4000, "stream": True}
+        body = {"model": "dlp:capitals", "prompt": prompt, "max_tokens": 2000, "stream": True}   # within the context
         with httpx.stream("POST", s.base_url + "/completions", json=body, timeout=60) as r:
             it = r.iter_lines()
             got = [next(it) for _ in range(3)]
@@ -405,7 +398,7 @@ def test_client_disconnect_mid_stream_frees_its_slot(serve_pipeline):
         while stats.cancelled < 1:                 # the engine stops the row at its next token
             assert time.monotonic() - t0 < 60, stats
             time.sleep(0.02)
-        assert stats.running == 0 and stats.completion_tokens < 4000
+        assert stats.running == 0 and stats.completion_tokens < 2000
         r = httpx.post(s.base_url + "/completions", json={"model": "dlp:capitals", "prompt": "hi", "max_tokens": 3},
                        timeout=60)
         assert r.status_code == 200
@@ -429,12 +422,11 @@ def test_api_key_is_enforced(serve_pipeline):
         assert httpx.get(s.url + "/health").status_code == 200   # health stays open for load balancers
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# adapters loaded at run time (vLLM's dynamic LoRA endpoints)
-# ---------------------------------------------------------------------------------------------------------------
+# adapters loaded at run time (vLLM's dynamic LoRA endpoints) ------------------------------------------------------
 
 def test_load_and_unload_lora_adapter(serve_run, serve_pipeline, tmp_path):
-    app = create_app(serve_pipeline, ServeConfig(max_lora_rank=8, max_loaded_adapters=2))
+    app = create_app(serve_pipeline, ServeConfig(max_lora_rank=8, max_loaded_adapters=2,
+                                                 adapter_roots=(str(serve_run), str(tmp_path))))
     with serving(app) as s:
         c = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
         path = serve_run / "adapters" / "word_sorting"
@@ -468,14 +460,15 @@ def test_load_and_unload_lora_adapter(serve_run, serve_pipeline, tmp_path):
             c.completions.create(model="mysort", prompt="x", max_tokens=2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# config and CLI
-# ---------------------------------------------------------------------------------------------------------------
+# config and CLI ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw,needle", [({"port": 70000}, "port"), ({"max_batch": 0}, "max_batch"),
-                                       ({"weighting": "x"}, "weighting"), ({"upstream": "ftp://x"}, "upstream"),
+@pytest.mark.parametrize("kw,needle", [({"port": 70000}, "port"), ({"port": 10 ** 30}, "port"),
+                                       ({"max_batch": 0}, "max_batch"), ({"max_queue": 2 ** 70}, "max_queue"),
+                                       ({"selection": {"top_p": 0.5}}, "selection"), ({"upstream": "ftp://x"}, "upstream"),
                                        ({"default_max_tokens": 600}, "default_max_tokens"),
-                                       ({"batch_window_ms": -1}, "batch_window_ms")])
+                                       ({"batch_window_ms": -1}, "batch_window_ms"),
+                                       ({"upstream_timeout_s": 0}, "upstream_timeout_s"),
+                                       ({"mixture_mode": "public"}, "mixture_mode")])
 def test_serve_config_is_validated(kw, needle):
     with pytest.raises(DLPError, match=needle):
         ServeConfig(**kw)
@@ -484,6 +477,7 @@ def test_serve_config_is_validated(kw, needle):
 def test_serve_config_defaults_bind_loopback():
     c = ServeConfig()
     assert c.host == "127.0.0.1" and c.api_key == "" and c.max_batch > 1 and c.max_queue > 0
+    assert c.selection == SelectionConfig() and c.upstream_timeout_s <= 30
 
 
 def test_cli_serve_errors_are_one_line(cli, tmp_path):
@@ -491,6 +485,8 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
 
     assert_one_line_error(cli("serve", "--run", tmp_path / "missing", "--model", "tiny"), "run folder not found")
     assert_one_line_error(cli("serve", "--run", tmp_path, "--max-batch", "0"), "max_batch")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--top-p", "2"), "--top-p")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--upstream-timeout", "0"), "upstream_timeout_s")
     import socket
 
     with socket.socket() as busy:
@@ -501,18 +497,19 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
                               f"--port {port}", "cannot listen")
 
 
-def test_cli_serve_runs_a_real_server(serve_run, tiny_model_path):
-    """`dlp-lora serve` in a subprocess: answers an OpenAI request on the port it was given, then stops."""
+def test_cli_serve_runs_a_real_server_on_the_runs_own_base_model(tiny_run):
+    """`dlp-lora serve --run R` without --model, in a subprocess: loads the base model R's adapters were trained on
+    (the tiny model, not the default one), answers an OpenAI request on the port it was given, then stops."""
     import os
     import signal
     import subprocess
     import sys
 
-    from helpers_server import free_port
+    from conftest import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dlp_lora", "serve", "--run", str(serve_run), "--model",
-                             str(tiny_model_path), "--port", str(port), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "dlp_lora", "serve", "--run", str(tiny_run), "--port", str(port),
+                             "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -538,3 +535,199 @@ def test_cli_serve_runs_a_real_server(serve_run, tiny_model_path):
             out, err = proc.communicate()
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "Traceback" not in err
+
+
+# every value range-checked at the door ------------------------------------------------------------------------------
+
+HUGE = int("9" * 3000)       # an integer with thousands of digits (below Python's limit for parsing it)
+RAW_SURROGATE = '{"model": "dlp", "prompt": "a \\ud800 b", "max_tokens": 2}'
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/completions", {"model": "dlp", "prompt": "x", "temperature": 1, "seed": 2 ** 64}, 422, "seed"),
+    ("/completions", {"model": "dlp", "prompt": "x", "temperature": 1, "seed": -1}, 422, "seed"),
+    ("/completions", {"model": "dlp", "prompt": "x", "seed": HUGE}, 422, "seed"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"weights": {"capitals": 1e308}}}, 422,
+     "dlp.weights.capitals"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"max_adapters": 10 ** 30}}, 422, "dlp.max_adapters"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"top_p": HUGE}}, 422, "dlp.top_p"),
+    ("/completions", {"model": "dlp", "prompt": "x", "dlp": {"granularity": "word"}}, 422, "dlp.granularity"),
+    ("/completions", {"model": "dlp", "prompt": "x", "temperature": 10 ** 400}, 422, "temperature"),
+    ("/completions", {"model": "dlp", "prompt": "x", "top_p": 10 ** 400}, 422, "top_p"),
+    ("/completions", {"model": "dlp", "prompt": "x", "max_tokens": HUGE}, 400, "max_tokens"),
+    ("/completions", {"model": "dlp", "prompt": "x", "n": HUGE}, 400, "n"),
+    ("/completions", {"model": "dlp", "prompt": "x", "stop": ["s" * 300]}, 422, "stop"),
+])
+def test_out_of_range_values_are_refused_at_the_door(srv, path, body, status, param):
+    r = _post(srv, path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    err = _assert_error(r, status, param=param)
+    assert len(err["message"]) < 300 and "\n" not in err["message"]
+
+
+@pytest.mark.parametrize("raw,needle", [
+    (RAW_SURROGATE, "field 'prompt': unpaired surrogate"),
+    (json.dumps({"model": "dlp", "messages": [{"role": "user", "content": "hi \ud800"}]}),
+     "field 'messages': item 0: field 'content': unpaired surrogate"),
+    (json.dumps({"model": "dlp", "prompt": "x", "stop": ["\udfff"]}), "field 'stop': item 0: unpaired surrogate"),
+    ('{"model": "dlp", "prompt": "x", "temperature": NaN}', "not a JSON number"),
+    ('{"model": "dlp", "prompt": "x", "top_p": 1e400}', "not a JSON number"),
+    ('{"model": "dlp", "prompt": "x", "seed": ' + "1" * 5000 + "}", "more than 4300 digits"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+])
+def test_bodies_no_engine_could_take_are_400(srv, raw, needle):
+    # json.dumps writes a lone surrogate as the escape "\ud800" - exactly what an attacker sends
+    r = _post(srv, "/completions", content=raw.encode(), headers={"content-type": "application/json"})
+    _assert_error(r, 400, needle=needle)
+
+
+def test_24_good_requests_and_one_poisoned_request_share_a_batch(serve_pipeline):
+    """The poisoned request is refused with a 4xx; every one of the 24 others is answered 200 (every run)."""
+    app = create_app(serve_pipeline, ServeConfig(max_batch=32, batch_window_ms=300, max_queue=64))
+    poisons = [{"model": "dlp", "prompt": "p", "temperature": 1.0, "seed": 2 ** 64},
+               {"model": "dlp", "prompt": "p", "dlp": {"weights": {"capitals": 1e308}}},
+               {"model": "dlp", "prompt": "p \ud800", "max_tokens": 2}]
+    with serving(app) as s:
+        for poison in poisons:
+            bodies = [{"model": ["dlp", "base", "dlp:capitals"][i % 3], "prompt": f"Question {i}: 2 plus {i}?",
+                       "max_tokens": 3} for i in range(24)]
+            bodies.insert(12, poison)
+            barrier = threading.Barrier(len(bodies))
+
+            def send(body):
+                barrier.wait()
+                return httpx.post(s.base_url + "/completions", content=json.dumps(body).encode(), timeout=120,
+                                  headers={"content-type": "application/json"})
+
+            with cf.ThreadPoolExecutor(len(bodies)) as ex:
+                codes = [r.status_code for r in ex.map(send, bodies)]
+            assert codes[:12] + codes[13:] == [200] * 24 and 400 <= codes[12] < 500, codes
+    assert app.state.stats.errors == 0
+
+
+def test_a_row_failing_inside_the_engine_fails_alone(serve_pipeline, monkeypatch, caplog):
+    """Whatever still fails inside the engine fails only its own row: the batch is split and retried, the other
+    rows get their exact answers (a streamed one without repeating text), the failing row a 500 logged as one
+    line."""
+    app = create_app(serve_pipeline, ServeConfig(max_batch=16, batch_window_ms=300))
+    real = serve_pipeline.generate
+
+    def fragile(prompts, *args, **kw):
+        out = real(prompts, *args, **kw)       # streams every row's text, then fails like a poisoned row would
+        if any("POISON" in p for p in prompts):
+            raise RuntimeError("boom\nsecond line of a long traceback")
+        return out
+
+    prompts = [f"Sort: pear apple {i}." for i in range(7)] + ["POISON here."]
+    with serving(app) as s:
+        monkeypatch.setattr(serve_pipeline, "generate", fragile)
+        barrier = threading.Barrier(len(prompts) + 1)
+
+        def send(i):
+            barrier.wait()
+            body = {"model": "dlp:word_sorting", "prompt": prompts[i], "max_tokens": 8}
+            return httpx.post(s.base_url + "/completions", json=body, timeout=120)
+
+        def send_stream():
+            barrier.wait()
+            body = {"model": "dlp:word_sorting", "prompt": prompts[0], "max_tokens": 8, "stream": True}
+            with httpx.stream("POST", s.base_url + "/completions", json=body, timeout=120) as r:
+                return [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
+
+        with caplog.at_level("ERROR", logger="dlp_lora.serve"), cf.ThreadPoolExecutor(len(prompts) + 1) as ex:
+            stream = ex.submit(send_stream)
+            answers = list(ex.map(send, range(len(prompts))))
+            events = stream.result()
+        monkeypatch.setattr(serve_pipeline, "generate", real)
+    with app.state.engine.lock:
+        refs = [direct(serve_pipeline, p, chat=False, weights={"word_sorting": 1.0}, max_new_tokens=8).text
+                for p in prompts[:7]]
+    assert [a.status_code for a in answers] == [200] * 7 + [500]
+    assert [a.json()["choices"][0]["text"] for a in answers[:7]] == refs
+    assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == refs[0]
+    _assert_error(answers[7], 500, "generation_failed")
+    assert app.state.stats.isolated >= 1 and app.state.stats.failed_rows == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "dlp_lora.serve"]
+    assert len(lines) == 1 and "RuntimeError: boom" in lines[0] and "\n" not in lines[0]
+
+
+def test_an_unexpected_error_is_a_json_500_logged_as_one_line(serve_pipeline, monkeypatch, caplog):
+    app = create_app(serve_pipeline, ServeConfig())
+    with serving(app) as s:
+        monkeypatch.setattr(app.state.server, "parse", lambda body, kind: 1 / 0)
+        with caplog.at_level("ERROR"):
+            r = httpx.post(s.base_url + "/completions", json={"model": "dlp", "prompt": "x"}, timeout=30)
+        _assert_error(r, 500, "internal_error")
+    lines = [r.getMessage() for r in caplog.records if "ZeroDivisionError" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+# the server's edges -------------------------------------------------------------------------------------------------
+
+def test_openapi_schema_and_docs_need_the_api_key(serve_pipeline):
+    with serving(create_app(serve_pipeline, ServeConfig(api_key="sekret"))) as s:
+        for path in ("/openapi.json", "/docs", "/v1/nothing"):
+            _assert_error(httpx.get(s.url + path, timeout=30), 401, "invalid_api_key")
+        r = httpx.get(s.url + "/openapi.json", headers={"Authorization": "Bearer sekret"}, timeout=30)
+        assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
+    with serving(create_app(serve_pipeline, ServeConfig())) as s:     # no key set: the schema is public
+        assert httpx.get(s.url + "/openapi.json", timeout=30).status_code == 200
+
+
+def test_load_lora_adapter_reads_only_below_the_adapter_roots(serve_run, serve_pipeline, tmp_path):
+    outside = tmp_path / "outside"
+    with serving(create_app(serve_pipeline, ServeConfig(max_loaded_adapters=4))) as s:   # default root: the run's
+        (serve_run / "adapters" / "link_out").symlink_to(tmp_path)
+        try:
+            answers = [_post(s, "/load_lora_adapter", {"lora_name": "x", "lora_path": p})
+                       for p in ("/etc", "/nonexistent", str(outside), str(serve_run / "adapters" / "link_out"),
+                                 str(serve_run / "adapters" / ".." / ".." / "etc"), "/etc/passwd\x00")]
+        finally:
+            (serve_run / "adapters" / "link_out").unlink()
+        first = _assert_error(answers[0], 400, "path_not_allowed", "lora_path")
+        for r in answers[1:]:       # the same answer whether the path exists or not: nothing leaks
+            assert r.status_code == 400 and r.json()["error"] == first
+        inside = _post(s, "/load_lora_adapter", {"lora_name": "mine", "lora_path": str(serve_run / "adapters" / "capitals")})
+        assert inside.status_code == 200 and inside.json()["lora_path"].startswith(str(serve_run.resolve()))
+
+
+def _raw_http(port: int, data: bytes) -> tuple[int | None, dict, bytes]:
+    """(status, headers, body) of a raw request; status None when the server reset the connection."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            resp = b""
+            while chunk := sock.recv(65536):
+                resp += chunk
+        except ConnectionResetError:
+            return None, {}, b""
+    head, _, body = resp.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_malformed_http_gets_a_json_400_never_plain_text(srv):
+    neg = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n"
+    status, headers, body = _raw_http(srv.port, neg)
+    assert status == 400 and headers["content-type"] == "application/json", (status, headers, body)
+    assert json.loads(body)["error"]["code"] == "invalid_request"
+    big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+    status, headers, body = _raw_http(srv.port, big)
+    assert status is None or (status in (400, 431) and headers["content-type"] == "application/json"), body
+    garbage = b"\x16\x03\x01 not http at all\r\n\r\n"
+    status, headers, body = _raw_http(srv.port, garbage)
+    assert status == 400 and json.loads(body)["error"]["message"]
+    assert httpx.get(srv.url + "/health", timeout=30).status_code == 200      # still serving
+
+
+def test_prompt_plus_max_tokens_beyond_the_models_context_is_refused(serve_pipeline):
+    ctx = serve_pipeline.model.config.max_position_embeddings
+    app = create_app(serve_pipeline, ServeConfig(max_tokens_cap=ctx + 10, max_prompt_tokens=ctx + 10,
+                                                 max_body_bytes=10 ** 7))
+    with serving(app) as s:
+        r = _post(s, "/completions", {"model": "base", "prompt": "x", "max_tokens": ctx})
+        _assert_error(r, 400, "context_length_exceeded", "prompt", f"context of {ctx} tokens")

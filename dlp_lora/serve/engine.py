@@ -1,0 +1,277 @@
+"""The engine side of the server: the pipeline, the adapters loaded at run time, and failure isolation.
+
+Only the worker thread generates. A batch that raises is split in halves and each half retried, down to the one
+row that fails alone: that row gets a 500 (logged as one line), every other row of the batch its answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from ..config import DLPError
+from ..data import format_prompt
+from ..run import check_adapter_dir
+from .scheduler import EngineStats, Job, routing_key, split_groups
+from .schema import BASE_MODEL, DLP_MODEL, APIError, ServeConfig, short
+
+log = logging.getLogger("dlp_lora.serve")
+MAX_NAME_CHARS = 128
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{e.__class__.__name__}: {text.splitlines()[0][:300]}" if text else e.__class__.__name__
+
+
+class Engine:
+    """Owns the pipeline and the adapters registered through ``/v1/load_lora_adapter``; ``lock`` keeps loading
+    from racing a running batch."""
+
+    def __init__(self, pipeline, config: ServeConfig, stats: EngineStats, adapter_roots: list[Path]) -> None:
+        self.pipeline, self.config, self.stats = pipeline, config, stats
+        self.names: list[str] = list(pipeline.names)
+        # Request validation counts tokens on the event-loop thread while the worker tokenizes a batch: a fast
+        # tokenizer is not safe for that (padding=True/False calls flip shared backend state and a batch then
+        # fails with "Unable to create tensor"), so validation uses its own copy.
+        try:
+            self.count_tokenizer = copy.deepcopy(pipeline.tokenizer)
+        except Exception:  # a tokenizer that cannot be copied: share it (single-request loads only)
+            self.count_tokenizer = pipeline.tokenizer
+        cfg = getattr(getattr(pipeline, "model", None), "config", None)
+        self.context_length = getattr(cfg, "max_position_embeddings", None) or None
+        self.adapters = LoadedAdapters(pipeline, config, adapter_roots)
+        self.lock = threading.RLock()
+
+    @property
+    def loaded(self) -> dict[str, dict]:
+        return self.adapters.entries
+
+    def count_tokens(self, prompt: str, chat: bool) -> int:
+        tok = self.count_tokenizer
+        text = format_prompt(tok, prompt) if chat else prompt
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def load_adapter(self, name, path) -> dict:
+        with self.lock:
+            return self.adapters.load(name, path)
+
+    def unload_adapter(self, name) -> dict:
+        with self.lock:
+            return self.adapters.unload(name)
+
+    # generation (worker thread) ------------------------------------------------------------------------------------
+    @staticmethod
+    def engine_of(job: Job) -> str:
+        return "loaded" if job.req.adapter is not None else "main"
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        for group in split_groups(jobs, self.engine_of):
+            group = [j for j in group if not j.cancelled]
+            if group:
+                self._run_isolated(group)
+
+    def _run_isolated(self, jobs: list[Job]) -> None:
+        """Run one engine call; when it raises, retry its halves so that only the failing row fails."""
+        try:
+            self._run_group(jobs)
+            return
+        except APIError as e:
+            for j in jobs:
+                j.emit("error", e)
+            return
+        except Exception as e:
+            self.stats.errors += 1
+            if len(jobs) == 1:
+                self._fail(jobs[0], e)
+                return
+        self.stats.isolated += 1
+        half = len(jobs) // 2
+        for part in (jobs[:half], jobs[half:]):
+            part = [j for j in part if not j.cancelled]
+            if part:
+                self._run_isolated(part)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        self.stats.failed_rows += 1
+        if isinstance(e, DLPError):   # the engine refused this row's input in words: a client error
+            job.emit("error", APIError(400, f"request: {first_line(e).partition(': ')[2]}", code="invalid_request"))
+            return
+        log.error("dlp-lora serve: request %s failed in the engine: %s", job.id, first_line(e))
+        job.emit("error", APIError(500, f"generation failed ({e.__class__.__name__}); other requests are unaffected",
+                                   type="server_error", code="generation_failed"))
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        for j in jobs:
+            j.attempt_chars = 0
+        with self.lock:
+            pipe, weights, routed_here, jobs = self._plan(jobs)
+            if not jobs:
+                return
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(jobs)] += 1
+            self.stats.running = len(jobs)
+            try:
+                results = self._generate(pipe, jobs, weights)
+            finally:
+                self.stats.running = 0
+        for i, rec in routed_here.items():
+            results[i].routing[0] = rec
+        for job, res in zip(jobs, results):
+            self.stats.rows += 1
+            self.stats.completion_tokens += int(res.completion_tokens)
+            if res.finish_reason == "cancelled" or job.cancelled:
+                self.stats.cancelled += 1
+            job.emit("done", res)
+
+    def _plan(self, jobs: list[Job]):
+        """``(pipeline, per-row weights, routing records made here, jobs still servable)`` for one call."""
+        if jobs[0].req.adapter is not None:
+            gone = [j for j in jobs if j.req.adapter not in self.adapters.entries]
+            for j in gone:  # unloaded between validation and now
+                j.emit("error", APIError(404, f"model {short(j.req.adapter)} was unloaded", param="model",
+                                         code="model_not_found"))
+            jobs = [j for j in jobs if j not in gone]
+            return self.adapters.pipeline(), [{j.req.adapter: 1.0} for j in jobs], {}, jobs
+        weights = [j.req.weights for j in jobs]  # None = routed, {} = base, dict = forced mixture
+        return self.pipeline, weights, self._route_conversations(jobs, weights), jobs
+
+    def _generate(self, pipe, jobs: list[Job], weights: list):
+        r0 = next((j.req for j in jobs if routing_key(j.req) is not None), jobs[0].req)
+        # sampling options are equal for every sampled row of a group (group_key); greedy rows ignore them
+        sampled = next((j.req for j in jobs if j.req.temperature > 0), None)
+
+        def on_text(row: int, delta: str) -> bool:
+            job = jobs[row]
+            if job.cancelled:
+                return True
+            if delta:
+                job.stream_delta(delta)
+            return False
+
+        return pipe.generate([j.req.prompt for j in jobs], r0.selection, weights=weights,
+                             max_new_tokens=[j.req.max_tokens for j in jobs],
+                             temperature=[j.req.temperature for j in jobs],
+                             top_p_sampling=sampled.top_p_sampling if sampled else 1.0,
+                             seed=sampled.seed if sampled else None, stop=[j.req.stop for j in jobs],
+                             chat=r0.chat, on_text=on_text, batch_size=len(jobs))
+
+    def _route_conversations(self, jobs: list[Job], weights: list) -> dict[int, dict]:
+        """Route multi-message chats here, on their user turns, and force that mixture (in place in
+        ``weights``). The engine would otherwise split the rendered template into "sentences" such as
+        ``<|im_start|>assistant`` and route on those. Departure from the paper (§3.2): such a conversation is
+        routed once (prompt granularity), its output sentences are not re-routed. Returns row -> routing record."""
+        rows = [i for i, j in enumerate(jobs) if weights[i] is None and j.req.kind == "chat" and not j.req.chat]
+        if not rows:
+            return {}
+        probs, w = self.pipeline.route([jobs[i].req.route_text for i in rows], jobs[rows[0]].req.selection)
+        out = {}
+        for k, i in enumerate(rows):
+            weights[i] = w[k]
+            out[i] = self.pipeline.record(jobs[i].req.route_text, w[k], probs[k], "prompt")
+        return out
+
+
+class LoadedAdapters:
+    """Adapters registered through ``/v1/load_lora_adapter`` (vLLM's dynamic LoRA endpoint).
+
+    They are served by a second pipeline over a copy of the base model that fuses exactly the loaded adapters
+    (one-hot weights): the task pipeline's adapter set, and with it the router's label order, never changes at
+    run time. Paths are accepted only below the configured roots, and every path outside them gets the same
+    answer, so the endpoint tells nobody which folders exist on the machine."""
+
+    def __init__(self, pipeline, config: ServeConfig, roots: list[Path]) -> None:
+        self.main, self.config = pipeline, config
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.entries: dict[str, dict] = {}      # name -> {"path", "rank", "created"}
+        self._pipe = None
+
+    def pipeline(self):
+        if self._pipe is None:
+            self._pipe = twin_pipeline(self.main, {k: v["path"] for k, v in self.entries.items()})
+        return self._pipe
+
+    def check_name(self, name) -> str:
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+            raise APIError(400, f"lora_name: required: a non-empty string of at most {MAX_NAME_CHARS} characters",
+                           param="lora_name", code="invalid_value")
+        return name
+
+    def check_path(self, path) -> Path:
+        """The real path of ``path`` when it lies below a root; one identical 400 for anything else."""
+        if not isinstance(path, str) or not path:
+            raise APIError(400, "lora_path: required: a folder path string", param="lora_path", code="invalid_value")
+        try:
+            real = Path(os.path.realpath(path))
+        except (ValueError, OSError):       # an embedded NUL byte, a loop of links
+            real = None
+        if real is None or not any(real == r or r in real.parents for r in self.roots):
+            raise APIError(400, "lora_path: not below an adapter folder this server may read (see --adapter-root)",
+                           param="lora_path", code="path_not_allowed")
+        return real
+
+    def load(self, name, path) -> dict:
+        name = self.check_name(name)
+        if name in (DLP_MODEL, BASE_MODEL) or name.startswith(DLP_MODEL + ":") or name in self.main.names:
+            raise APIError(400, f"lora_name: {short(name)} is reserved (dlp, base, dlp:<task> and task names)",
+                           param="lora_name", code="name_taken")
+        if name in self.entries:
+            raise APIError(400, f"lora_name: {short(name)} is already loaded (unload it first)", param="lora_name",
+                           code="name_taken")
+        if len(self.entries) >= self.config.max_loaded_adapters:
+            raise APIError(400, f"lora_name: {self.config.max_loaded_adapters} adapters are loaded already "
+                                "(unload one first)", param="lora_name", code="too_many_adapters")
+        real = self.check_path(path)
+        rank = self._rank(real)
+        entry = {"path": str(real), "rank": rank, "created": int(time.time())}
+        trial = {**self.entries, name: entry}
+        try:  # build now so a bad adapter (other base model, ...) is refused here, not at generation
+            pipe = twin_pipeline(self.main, {k: v["path"] for k, v in trial.items()})
+        except DLPError as e:
+            raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_adapter") from None
+        self.entries, self._pipe = trial, pipe
+        return {"object": "lora_adapter", "lora_name": name, "lora_path": entry["path"], "rank": rank,
+                "status": "loaded"}
+
+    def _rank(self, real: Path) -> int:
+        try:
+            cfg = check_adapter_dir(real)
+            rank = max([int(cfg.get("r", 0) or 0)] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
+        except DLPError as e:
+            raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_adapter") from None
+        except (TypeError, ValueError, AttributeError):
+            raise APIError(400, f"lora_path: {real}: adapter_config.json: field 'r': not an integer",
+                           param="lora_path", code="invalid_adapter") from None
+        if self.config.max_lora_rank and rank > self.config.max_lora_rank:
+            raise APIError(400, f"lora_path: {real}: adapter rank {rank} is above this server's max_lora_rank "
+                                f"{self.config.max_lora_rank}", param="lora_path", code="rank_too_large")
+        return rank
+
+    def unload(self, name) -> dict:
+        if not isinstance(name, str) or name not in self.entries:
+            raise APIError(404, f"lora_name: {short(name)} is not loaded", param="lora_name", code="model_not_found")
+        del self.entries[name]
+        self._pipe = None  # rebuilt lazily for the next request that needs it
+        return {"object": "lora_adapter", "lora_name": name, "status": "unloaded"}
+
+
+def twin_pipeline(pipeline, adapters: dict[str, str]):
+    """A pipeline fusing ``adapters`` (name -> folder; no router) over a second copy of ``pipeline``'s model.
+
+    The copy shares every weight tensor with the original (``deepcopy`` with all parameters and buffers in the
+    memo), so it costs module objects, not memory. The task adapters are detached from the copy (through the
+    copied ``FusedAdapters``), then the loaded adapters are fused into it."""
+    from ..fusion import fuse_adapters
+    from ..pipeline import DLPPipeline
+
+    model = pipeline.model
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin, twin_fused = copy.deepcopy((model, pipeline.fused), memo)
+    twin_fused.detach()
+    fused = fuse_adapters(twin, list(adapters.values()), names=list(adapters))
+    return DLPPipeline(twin, pipeline.tokenizer, fused, router=None)

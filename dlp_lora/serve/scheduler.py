@@ -1,0 +1,206 @@
+"""Scheduling: a bounded request queue and the one worker thread that turns it into engine calls.
+
+The worker takes the oldest request, waits at most ``batch_window_ms`` after its arrival for more (requests that
+queued while a batch was running are taken at once), and hands up to ``max_batch`` of them to the engine, which
+runs them as heterogeneous ``DLPPipeline.generate`` calls (every row with its own mixture, max tokens,
+temperature and stop strings). Requests join at batch boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from .schema import APIError, GenRequest
+
+
+class Job:
+    """A queued request: the worker thread fills ``events`` (an asyncio queue on the request's loop)."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.req, self.loop = req, loop
+        self.id = uuid.uuid4().hex[:24]
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.t_submit = time.monotonic()
+        self.streamed = 0                   # characters already sent to a streaming client
+        self.attempt_chars = 0              # characters the current engine attempt has produced
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Thread-safe: hand an event ("delta", "done", "error") to the request's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed (server shutting down)
+            pass
+
+    def stream_delta(self, delta: str) -> None:
+        """Send the part of ``delta`` the client has not seen: a row retried after its batch failed produces its
+        text again from the start, and only what goes beyond the earlier attempt is new."""
+        start = self.attempt_chars
+        self.attempt_chars += len(delta)
+        if self.req.stream and self.attempt_chars > self.streamed:
+            self.emit("delta", delta[max(0, self.streamed - start):])
+            self.streamed = self.attempt_chars
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What the worker saw; ``/health`` shows it and tests assert on it."""
+
+    batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # rows per call
+    batches: int = 0                        # engine calls
+    rows: int = 0                           # rows generated (requests)
+    completion_tokens: int = 0              # tokens generated in total
+    cancelled: int = 0                      # rows stopped because their client went away
+    dropped: int = 0                        # requests cancelled while still queued
+    submitted: int = 0                      # requests accepted into the queue
+    rejected: int = 0                       # requests answered 429 (queue full)
+    errors: int = 0                         # engine calls that raised
+    isolated: int = 0                       # batches split up after a failure to find the failing row
+    failed_rows: int = 0                    # rows answered 500 after failing alone
+    running: int = 0                        # rows in the engine call now
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+        d["max_batch_seen"] = max(self.batch_sizes, default=0)
+        return d
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "server is shutting down", type="server_error", code="shutting_down")
+
+
+class Batcher:
+    """A bounded request queue and the single worker thread that turns it into engine calls."""
+
+    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch: int, max_queue: int, window_ms: float,
+                 stats: EngineStats, retry_after_s: int = 1) -> None:
+        self.run_batch, self.stats = run_batch, stats
+        self.max_batch, self.max_queue, self.window = max_batch, max_queue, window_ms / 1000.0
+        self.retry_after_s = retry_after_s
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="dlp-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stop = True
+            for job in self._pending:
+                job.cancelled = True
+                job.emit("error", _shutting_down())
+            self._pending.clear()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; 429 (with Retry-After) when the queue is full, 503 while stopping."""
+        with self._cv:
+            if self._stop:
+                raise _shutting_down()
+            if len(self._pending) >= self.max_queue:
+                self.stats.rejected += 1
+                raise APIError(429, f"server busy: {self.max_queue} requests are queued; retry later",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(self.retry_after_s)})
+            self._pending.append(job)
+            self.stats.submitted += 1
+            self._cv.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if still queued, else make the engine stop its row."""
+        with self._cv:
+            job.cancelled = True
+            try:
+                self._pending.remove(job)
+                self.stats.dropped += 1
+            except ValueError:
+                pass
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._pending and not self._stop:
+                self._cv.wait()
+            if self._stop:
+                return None
+            # Wait for company, but never longer than the window after the oldest request arrived: requests that
+            # queued while the previous batch ran are taken at once.
+            deadline = self._pending[0].t_submit + self.window
+            while len(self._pending) < self.max_batch and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            batch = []
+            while self._pending and len(batch) < self.max_batch:
+                batch.append(self._pending.popleft())
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            batch = [j for j in batch if not j.cancelled]
+            if not batch:
+                continue
+            try:
+                self.run_batch(batch)
+            except BaseException as e:  # never let the worker die; every waiting request gets an answer
+                self.stats.errors += 1
+                err = e if isinstance(e, APIError) else APIError(
+                    500, f"generation failed: {e.__class__.__name__}", type="server_error", code="generation_failed")
+                for job in batch:
+                    job.emit("error", err)
+
+
+# which requests can share one engine call ---------------------------------------------------------------------------
+
+def group_key(req: GenRequest, engine: str) -> tuple:
+    """Requests with equal keys can share one engine call (the other options are per row in the engine)."""
+    sampled = req.temperature > 0
+    return (engine, req.chat,
+            req.top_p_sampling if sampled else 1.0,
+            # a seeded sampled request runs alone, so that its sample does not depend on its batch mates
+            (req.seed, id(req)) if (sampled and req.seed is not None) else None)
+
+
+def routing_key(req: GenRequest):
+    """The per-call routing options of a routed request; None for a forced mixture (any call can take it)."""
+    if req.weights is not None or req.adapter is not None:
+        return None
+    return req.selection
+
+
+def split_groups(jobs: list[Job], engine_of: Callable[[Job], str]) -> list[list[Job]]:
+    """Jobs -> engine calls, in arrival order of each call's first job. Forced-mixture requests join the first
+    call with the same per-call options whatever its routing options."""
+    groups: dict[tuple, list[Job]] = {}
+    forced = []
+    for job in jobs:
+        rk = routing_key(job.req)
+        if rk is None:
+            forced.append(job)
+        else:
+            groups.setdefault((group_key(job.req, engine_of(job)), rk), []).append(job)
+    for job in forced:
+        gk = group_key(job.req, engine_of(job))
+        home = next((k for k in groups if k[0] == gk), (gk, None))
+        groups.setdefault(home, []).append(job)
+    return list(groups.values())
