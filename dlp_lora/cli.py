@@ -512,23 +512,19 @@ def _p_bench(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .server import ServeConfig, serve
+    from .serve import ServeConfig, serve
 
-    fields = {"host": args.host, "port": args.port, "api_key": args.api_key, "max_batch": args.max_batch,
-              "batch_window_ms": args.batch_window_ms, "max_queue": args.max_queue,
-              "max_tokens_cap": args.max_tokens_cap, "max_prompt_tokens": args.max_prompt_tokens,
-              "max_body_bytes": args.max_body_bytes, "top_p": args.top_p, "weighting": args.weighting,
-              "granularity": args.granularity, "max_adapters": args.max_adapters, "max_lora_rank": args.max_lora_rank,
-              "max_loaded_adapters": args.max_loaded_adapters, "upstream": args.upstream,
-              "upstream_model": args.upstream_model, "upstream_api_key": args.upstream_api_key,
-              "mixture_cache": args.mixture_cache, "mixture_dir": args.mixture_dir}
-    config = ServeConfig(**{k: v for k, v in fields.items() if v is not None})
-    if config.default_max_tokens > config.max_tokens_cap:
-        config.default_max_tokens = config.max_tokens_cap
+    names = ("host", "port", "api_key", "max_batch", "batch_window_ms", "max_queue", "max_tokens_cap",
+             "max_prompt_tokens", "max_body_bytes", "max_lora_rank", "max_loaded_adapters", "adapter_roots",
+             "upstream", "upstream_model", "upstream_api_key", "upstream_timeout_s", "mixture_cache", "mixture_dir",
+             "mixture_mode")
+    fields = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    config = ServeConfig(selection=selection_from_args(args), **fields)
+    config.default_max_tokens = min(config.default_max_tokens, config.max_tokens_cap)
     if args.print_vllm_command:
-        from .proxy import vllm_command
+        from .serve.proxy import vllm_command
 
-        print(vllm_command(args.run, model=args.vllm_model or args.model, max_adapters=config.max_adapters,
+        print(vllm_command(args.run, model=args.vllm_model or args.model, max_adapters=config.selection.max_adapters,
                            mixture_cache=config.mixture_cache))
         return 0
     serve(args.run, config, model=args.model, router=args.router, device=args.device, log_level=args.log_level)
@@ -553,22 +549,25 @@ def _p_serve(sub) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens accepted (default 512)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt in tokens (default 2048)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 1000000)")
-    p.add_argument("--top-p", type=float, default=None, help="router top-p default (default 0.8)")
-    p.add_argument("--weighting", default=None, help="paper | renorm (default paper)")
-    p.add_argument("--granularity", default=None, help="sentence | prompt (default sentence)")
+    add_selection_arguments(p)     # a request's "dlp" fields default to these
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="refuse /v1/load_lora_adapter adapters above this rank (default 0: any)")
     p.add_argument("--max-loaded-adapters", type=int, default=None,
                    help="adapters /v1/load_lora_adapter may hold (default 16)")
+    p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=None, metavar="DIR",
+                   help="/v1/load_lora_adapter reads only below these folders (repeatable; default: the run folder)")
     p.add_argument("--upstream", default=None, help="proxy mode: OpenAI-compatible LoRA server URL (vLLM, ...)")
     p.add_argument("--upstream-model", default=None, help="proxy mode: upstream base model id (default: discover)")
     p.add_argument("--upstream-api-key", default=os.environ.get("DLP_LORA_UPSTREAM_API_KEY") or None,
                    help="proxy mode: bearer key for the upstream (default: $DLP_LORA_UPSTREAM_API_KEY)")
+    p.add_argument("--upstream-timeout", dest="upstream_timeout_s", type=float, default=None,
+                   help="proxy mode: seconds an upstream call may take; beyond: 504 (default 30)")
     p.add_argument("--mixture-cache", type=int, default=None, help="proxy mode: mixtures kept loaded upstream (default 32)")
     p.add_argument("--mixture-dir", default=None,
                    help="proxy mode: folder for exported mixtures, readable by the upstream (default: a temp folder)")
-    p.add_argument("--max-adapters", type=int, default=None,
-                   help="router: most adapters kept per request (default 0: no cap; bounds mixture rank upstream)")
+    p.add_argument("--mixture-mode", default=None, choices=("shared", "private"),
+                   help="proxy mode: exported mixtures 0755/0644 (shared: an upstream running as another user reads "
+                        "them) or 0700/0600 (default: shared with --mixture-dir, private otherwise)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="print the vLLM launch command for this run's adapters (ranks, names, paths) and exit")
     p.add_argument("--vllm-model", default=None, help="with --print-vllm-command: the model id vLLM loads")

@@ -76,6 +76,15 @@ def assert_one_line_error(res: CLIResult, *needles: str, code: int = 1) -> None:
         assert n in lines[0], (n, lines[0])
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _is_noise(line: str) -> bool:
     # progress bars and library warnings are not our error message
     return "it/s]" in line or "%|" in line or "Warning" in line or line.startswith("  warnings.warn")
