@@ -4,20 +4,14 @@ its tasks, and the app served in-process on a free loopback port."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 TASKS = ["arithmetic", "capitals", "word_sorting"]   # the tasks of conftest's tiny_run, in adapters.txt order
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

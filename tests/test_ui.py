@@ -614,7 +614,7 @@ def test_cli_ui_serves_the_app_on_loopback(ui_run):
     import sys
     import urllib.request
 
-    from helpers_ui import free_port
+    from conftest import free_port
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
