@@ -251,6 +251,17 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def context_length(model) -> int | None:
+    """The most tokens (prompt + generated) the model's positions cover, from its config; None when the config
+    does not say (then only the generation caps apply)."""
+    cfg = getattr(model, "config", model)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def model_identity(model) -> dict:
     """What identifies a base model for adapter/router compatibility: name, type, shapes, a config fingerprint."""
     cfg = model.config

@@ -338,10 +338,10 @@ def test_server_limits_hold_under_a_burst(tiny_run, tiny_model_path):
     import httpx
 
     from dlp_lora.pipeline import DLPPipeline
-    from dlp_lora.server import ServeConfig, create_app
+    from dlp_lora.serve import ServeConfig, create_app
     from helpers_server import serving
 
-    pipe = DLPPipeline.from_pretrained(tiny_model_path, tiny_run, tiny_run / "router", device="cpu", dtype="fp32")
+    pipe = DLPPipeline.from_run(tiny_run, model=tiny_model_path, device="cpu", dtype="fp32")
     cfg = ServeConfig(max_body_bytes=4000, max_tokens_cap=8, default_max_tokens=2, max_queue=4, max_batch=1,
                       batch_window_ms=0)
     app = create_app(pipe, cfg)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlp_lora.config import DLPError
+from dlp_lora.selection import SelectionConfig
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 SLOWER = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -134,7 +135,7 @@ def test_select_top_p(probs, top_p, weighting, max_adapters, min_confidence):
 def fuzz_pipeline(tiny_run, tiny_model_path):
     from dlp_lora.pipeline import DLPPipeline
 
-    return DLPPipeline.from_pretrained(tiny_model_path, tiny_run, tiny_run / "router", device="cpu", dtype="fp32")
+    return DLPPipeline.from_run(tiny_run, model=tiny_model_path, device="cpu", dtype="fp32")
 
 
 _weight_vals = st.floats(allow_nan=True, allow_infinity=True, width=32) | st.sampled_from([0.0, 0.5, 1.0, -1.0])
@@ -194,7 +195,7 @@ def test_pipeline_forced_weights(fuzz_pipeline, weights):
         weights = torch.tensor(weights, dtype=torch.float32)
     prompts = ["2+2?", "Capital of France?"]
     try:
-        res = pipe.generate(prompts, weights=weights, max_new_tokens=1, granularity="prompt")
+        res = pipe.generate(prompts, SelectionConfig(granularity="prompt"), weights=weights, max_new_tokens=1)
     except DLPError as e:
         _one_line(e)
         return
@@ -212,7 +213,7 @@ def test_pipeline_forced_weights(fuzz_pipeline, weights):
 def fuzz_client(fuzz_pipeline):
     from fastapi.testclient import TestClient
 
-    from dlp_lora.server import ServeConfig, create_app
+    from dlp_lora.serve import ServeConfig, create_app
 
     cfg = ServeConfig(max_tokens_cap=3, default_max_tokens=2, max_prompt_tokens=256, batch_window_ms=0)
     with TestClient(create_app(fuzz_pipeline, cfg), raise_server_exceptions=False) as c:

@@ -27,6 +27,17 @@ def test_load_model_reads_ids_from_config(tiny):
     assert ident["vocab_size"] == len(tok) and ident["num_hidden_layers"] == 2
 
 
+def test_context_length_from_config(tiny):
+    from types import SimpleNamespace
+
+    from dlp_lora.models import context_length
+
+    model, _ = tiny
+    assert context_length(model) == model.config.max_position_embeddings == 2048
+    assert context_length(SimpleNamespace(n_positions=1024)) == 1024            # GPT-2 style configs
+    assert context_length(SimpleNamespace(hidden_size=64)) is None
+
+
 def test_cli_models_tiny(tmp_path, cli):
     res = cli("models", "tiny", "--out", tmp_path / "m")
     assert res.code == 0, res

@@ -547,7 +547,9 @@ def command_arg_cases():
                                      "{tmp}/ad"], "surrogate.json", "record 1", "field 'A'", "unpaired surrogate",
         outputs=["{tmp}/ad"], files={"surrogate.json": '[{"Q": "a", "A": "b"}, {"Q": "c", "A": "\\udfff"}]'})
     add("lora_out_exists", ["train-lora", "--model", "{tiny}", "--data", "{case}/in.json", "--out", "{case}",
-                            "--no-progress", "--max-steps", "1"], "already exists")
+                            "--no-progress", "--max-steps", "1"], "would overwrite an input")
+    add("lora_out_exists_not_input", ["train-lora", "--model", "{tiny}", "--data", "{case}/in.json", "--out",
+                                      "{case}/tasks", "--no-progress", "--max-steps", "1"], "already exists")
     add("lora_data_missing", ["train-lora", "--model", "{tiny}", "--data", "{tmp}/absent.json", "--out", "{tmp}/ad"],
         "absent.json", "file not found", outputs=["{tmp}/ad"])
     add("lora_data_bad", ["train-lora", "--model", "{tiny}", "--data", "{case}/bad.json", "--out", "{tmp}/ad"],
