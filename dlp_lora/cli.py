@@ -565,9 +565,9 @@ def _p_serve(sub) -> None:
     p.add_argument("--mixture-cache", type=int, default=None, help="proxy mode: mixtures kept loaded upstream (default 32)")
     p.add_argument("--mixture-dir", default=None,
                    help="proxy mode: folder for exported mixtures, readable by the upstream (default: a temp folder)")
-    p.add_argument("--mixture-mode", default=None, choices=("shared", "private"),
-                   help="proxy mode: exported mixtures 0755/0644 (shared: an upstream running as another user reads "
-                        "them) or 0700/0600 (default: shared with --mixture-dir, private otherwise)")
+    p.add_argument("--mixture-mode", default=None,
+                   help="proxy mode: exported mixtures shared (0755/0644: an upstream running as another user reads "
+                        "them) or private (0700/0600) (default: shared with --mixture-dir, private otherwise)")
     p.add_argument("--print-vllm-command", action="store_true",
                    help="print the vLLM launch command for this run's adapters (ranks, names, paths) and exit")
     p.add_argument("--vllm-model", default=None, help="with --print-vllm-command: the model id vLLM loads")
