@@ -484,8 +484,22 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
         if "dlp-segment" in systems:
             report[str(n)]["scores"]["dlp-segment"]["question_routing_accuracy"] = \
                 _question_routing(outputs["dlp-segment"], prompts)
+        report[str(n)]["target"] = _composite_target(report[str(n)]["scores"])
         rows.extend(_composite_row(n, p, systems, outputs, scored, i) for i, p in enumerate(prompts))
     return report, rows
+
+
+def _composite_target(scores: dict) -> dict | None:
+    """The composite target: dlp-segment's item score above top1, dlp (prompt), uniform and multitask; its
+    distance to oracle-segment and to dlp-sentence is reported beside."""
+    if "dlp-segment" not in scores:
+        return None
+    d = scores["dlp-segment"]["item_score"]
+    target: dict[str, Any] = {f"dlp_segment_minus_{s}": d - f["item_score"] for s, f in scores.items()
+                              if s != "dlp-segment"}
+    above = [s for s in ("top1", "dlp", "uniform", "multitask") if s in scores]
+    target["met"] = bool(above) and all(target[f"dlp_segment_minus_{s}"] > 0 for s in above)
+    return target
 
 
 def _question_routing(results: list, prompts: list[CompositePrompt]) -> float:
@@ -837,6 +851,12 @@ def _md_composite(summary: dict) -> str:
         for s, f in size["scores"].items():
             lines.append(f"| {s} | {_fmt(f['item_score'], 1)} | {_fmt(f['all_correct'], 1)} | "
                          f"{_fmt(f['format_rate'], 1)} | {_fmt(f['seconds_per_prompt'], 3)} |")
+        tg = size.get("target")
+        if tg:
+            lines += ["", f"Target (dlp-segment item score above top1, dlp, uniform and multitask): "
+                          f"**{'met' if tg['met'] else 'not met'}** - " +
+                      ", ".join(f"{v:+.2f} vs {k.removeprefix('dlp_segment_minus_')}" for k, v in tg.items()
+                                if k != "met") + "."]
         qr = size["scores"].get("dlp-segment", {}).get("question_routing_accuracy")
         if qr is not None:
             lines += ["", f"dlp-segment routed {_fmt(qr, 1)}% of the questions to their own task."]

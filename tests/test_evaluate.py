@@ -228,6 +228,10 @@ def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
     assert fig["uniform"] == {"item_score": 50.0, "all_correct": 0.0, "format_rate": 50.0}   # answers item 1 only
     assert fig["base"] == fig["multitask"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 0.0}
     assert fig["top1"] == {"item_score": 0.0, "all_correct": 0.0, "format_rate": 50.0}       # "1. no idea"
+    # the fake's dlp (prompt) answers composites as well as dlp-segment: a tie is not "above"
+    assert comp["target"]["met"] is False and comp["target"]["dlp_segment_minus_dlp"] == 0.0
+    assert comp["target"]["dlp_segment_minus_uniform"] == 50.0
+    assert comp["target"]["dlp_segment_minus_oracle-segment"] == 0.0
     rows = [json.loads(l) for l in (out / "composite.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["n"] == 2 and len({it["task"] for it in r["items"]}) == 2 for r in rows)
     assert rows[0]["answers"]["uniform"][1] is None and rows[0]["all_correct"]["dlp"] is True
