@@ -7,8 +7,9 @@ answered within the grace period), plus the batch sizes the server's engine saw 
     # against a running server
     python scripts/load_test.py --url http://127.0.0.1:8000 --clients 32 --seconds 60
 
-    # start `dlp-lora serve` on a free port for the run (a tiny demo run is built if RUN does not exist)
-    python scripts/load_test.py --run /tmp/tiny_run --model tiny --make-run --clients 32 --seconds 60
+    # start `dlp-lora serve` on a free port for the run (a tiny demo run is built if RUN does not exist; the
+    # server loads the run's own base model unless --model overrides it)
+    python scripts/load_test.py --run /tmp/tiny_run --make-run --clients 32 --seconds 60
 
 Each client loops: pick a request from a mixed workload (routed chat, routed completion, forced adapter, base
 model, manual mixture; every fourth one streamed), send it, check the answer (OpenAI shape, usage, routing,
@@ -41,14 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_run(run: Path, model: str) -> Path:
+def make_run(run: Path, model: str = "tiny") -> Path:
     """A small run for load testing: three random adapters on ``model`` and a mini-MLP router trained on
     built-in tasks (what the tests use; answers are not meaningful, the serving path is)."""
     from dlp_lora.config import RouterConfig, RouterDataConfig
     from dlp_lora.fusion import make_random_adapter
-    from dlp_lora.lora import write_adapter_list
     from dlp_lora.models import load_model, resolve_model_path
     from dlp_lora.router import make_router_data, train_router
+    from dlp_lora.run import write_adapter_list
     from dlp_lora.tasks import write_builtin_tasks
 
     tasks = ["arithmetic", "capitals", "word_sorting"]
@@ -200,8 +201,10 @@ async def run_load(url: str, clients: int, seconds: float, max_tokens: int, grac
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(args.run), "--model", args.model,
-           "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(args.run), "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    if args.model:
+        cmd += ["--model", args.model]
     if args.device:
         cmd += ["--device", args.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -229,8 +232,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: start one for --run)")
     p.add_argument("--run", default=None, help="run folder to serve when --url is not given")
-    p.add_argument("--model", default="tiny", help="base model for the started server (default tiny)")
-    p.add_argument("--make-run", action="store_true", help="build a small demo run at --run if it does not exist")
+    p.add_argument("--model", default=None, help="started server: --model (default: the run's own base model)")
+    p.add_argument("--make-run", action="store_true",
+                   help="build a small demo run at --run if it does not exist (on --model, default tiny)")
     p.add_argument("--device", default="cpu", help="device of the started server (default cpu)")
     p.add_argument("--max-batch", type=int, default=32, help="started server: --max-batch (default 32)")
     p.add_argument("--max-queue", type=int, default=64, help="started server: --max-queue (default 64)")
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
             if not args.make_run:
                 p.error(f"{run} does not exist (add --make-run to build a small demo run there)")
             print(f"building a demo run at {run} ...", flush=True)
-            make_run(run, args.model)
+            make_run(run, args.model or "tiny")
         proc, url = start_server(args)
     try:
         print(f"load test: {args.clients} clients x {args.seconds:g} s against {url}", flush=True)
