@@ -492,13 +492,13 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
 def _composite_target(scores: dict) -> dict | None:
     """The composite target: dlp-segment's item score above top1, dlp (prompt), uniform and multitask; its
     distance to oracle-segment and to dlp-sentence is reported beside."""
-    if "dlp-segment" not in scores:
+    above = [s for s in ("top1", "dlp", "uniform", "multitask") if s in scores]
+    if "dlp-segment" not in scores or not above:
         return None
     d = scores["dlp-segment"]["item_score"]
     target: dict[str, Any] = {f"dlp_segment_minus_{s}": d - f["item_score"] for s, f in scores.items()
                               if s != "dlp-segment"}
-    above = [s for s in ("top1", "dlp", "uniform", "multitask") if s in scores]
-    target["met"] = bool(above) and all(target[f"dlp_segment_minus_{s}"] > 0 for s in above)
+    target["met"] = all(target[f"dlp_segment_minus_{s}"] > 0 for s in above)
     return target
 
 
@@ -798,6 +798,8 @@ def summary_markdown(summary: dict) -> str:
 
 def _md_scores(summary: dict) -> str:
     systems = summary["systems"]
+    if not systems:      # composite-only systems
+        return ""
     lines = [f"### Scores per task (points, 0-100; {summary['n_samples']} samples, same for every system)", "",
              "| task | metric | n | " + " | ".join(systems) + " |", "|---|---|---:|" + "---:|" * len(systems)]
     for t in summary["tasks"]:
@@ -869,6 +871,8 @@ def _md_composite(summary: dict) -> str:
 
 def _md_timing(summary: dict) -> str:
     tm = summary["timing"]
+    if not tm:
+        return ""
     lines = ["### Time (same run, systems interleaved per batch)", "",
              "Time per generated token includes the prompt's prefill, so a system that stops early (short answers) "
              "pays more per token; compare systems that generate the same number of tokens (e.g. single vs dlp), "
