@@ -333,30 +333,34 @@ JOINERS = [   # rows on different mixtures, granularities and sampling settings,
 ]
 
 
-def _decode(pipe, requests, joins, sizes=None):
-    """Run ``requests`` through one DecodeBatch, request i joining before step ``joins[i]``; rows by tag.
-    ``sizes`` collects the batch size of every step."""
+def _decode(pipe, requests, joins, sizes=None, chunk=0):
+    """Run ``requests`` through one DecodeBatch, request i joining before step ``joins[i]`` (prefilled ``chunk``
+    columns per step when > 0); rows by tag. ``sizes`` collects (live rows, rows in prefill) of every step."""
     out, step = {}, 0
     with pipe.decoder() as batch:
         while step <= max(joins) or batch:
-            batch.add([r for r, j in zip(requests, joins) if j == step])
+            batch.add([r for r, j in zip(requests, joins) if j == step], prefill_chunk=chunk)
             if sizes is not None:
-                sizes.append(len(batch))
+                sizes.append((len(batch.rows), len(batch) - len(batch.rows)))
             out.update((row.tag, row) for row in batch.step())
             step += 1
     return out
 
 
-@pytest.mark.parametrize("joins", [(0, 0, 1, 4, 7), (0, 2, 2, 5, 11), (3, 0, 0, 1, 1)])
-def test_rows_joining_a_busy_batch_decode_exactly_as_alone(make_pipe, monkeypatch, joins):
+@pytest.mark.parametrize("joins, chunk", [((0, 0, 1, 4, 7), 0), ((0, 2, 2, 5, 11), 0), ((3, 0, 0, 1, 1), 0),
+                                          ((0, 2, 2, 5, 11), 7), ((3, 0, 0, 1, 1), 4)])
+def test_rows_joining_a_busy_batch_decode_exactly_as_alone(make_pipe, monkeypatch, joins, chunk):
+    """Rows join at several steps (prefilled at once, or in chunks interleaved with the running rows' decode
+    steps); each decodes the same tokens, from logits equal within float error, as alone."""
     pipe = make_pipe(StubRouter({"colour": 0, "two plus": 2, "Answer each": 1}))
     seen = _trace(monkeypatch)
     alone = {r.tag: _decode(pipe, [r], [0])[r.tag] for r in JOINERS}
     alone_logits = {tag: list(v) for tag, v in seen.items()}
     seen.clear()
     sizes: list[int] = []
-    together = _decode(pipe, JOINERS, joins, sizes)
-    assert max(sizes) >= 3
+    together = _decode(pipe, JOINERS, joins, sizes, chunk)
+    assert max(live for live, _ in sizes) >= 3
+    assert any(pending for _, pending in sizes) == (chunk > 0)     # chunked prefills ran beside decoding rows
     for r in JOINERS:
         a, t = alone[r.tag], together[r.tag]
         assert t.ids == a.ids and t.text == a.text and t.finish == a.finish, r.tag

@@ -24,6 +24,7 @@ One decoder per fused model at a time: the mixture lives in the model's shared f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -175,6 +176,20 @@ def _layers(cache) -> list | None:
     return list(layers)
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """New rows whose prompts are being prefilled (all at once, or a chunk per step) into their own cache."""
+
+    rows: list[DecodeRow]                   # the new rows
+    ids: torch.Tensor                       # (B, S) left-padded prompt ids
+    mask: torch.Tensor                      # (B, S) their attention mask
+    pos: torch.Tensor                       # (B, S) their position ids
+    pre: torch.Tensor                       # prefill weights: (B, N), or (B, S, N) per token
+    chunk: int = 0                          # columns per forward
+    done: int = 0                           # columns prefilled so far
+    past: Any = None                        # their KV cache until they join
+
+
 class DecodeBatch:
     """A running batch of :class:`DecodeRow`: ``add`` prefills new rows and joins them, ``step`` decodes one token
     for every row and lets finished rows leave. ``merge=True``: one row at a time with its mixture folded into the
@@ -191,12 +206,14 @@ class DecodeBatch:
         self._cur: torch.Tensor | None = None   # (B, N) each row's mixture for its next token
         self._dirty = True                      # _cur must be applied before the next forward
         self._merged: torch.Tensor | None = None  # merge mode: the mixture folded into W
+        self._pending: collections.deque[_Prefill] = collections.deque()   # chunked prefills, oldest first
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Live rows plus rows whose chunked prefill is under way."""
+        return len(self.rows) + sum(len(p.rows) for p in self._pending)
 
     def __bool__(self) -> bool:
-        return bool(self.rows)
+        return bool(self.rows or self._pending)
 
     def __enter__(self) -> "DecodeBatch":
         return self
@@ -213,9 +230,9 @@ class DecodeBatch:
     def can_join(self) -> bool:
         """Whether ``add`` may be called now: always on an empty batch, never in merge mode while a row runs,
         else when the model's cache can be re-aligned (plain ``DynamicCache`` layers)."""
-        if not self.rows:
-            return True
-        return not self.merge and _layers(self._past) is not None
+        if self.merge:
+            return not self.rows
+        return not self.rows or _layers(self._past) is not None
 
     def close(self) -> None:
         """Back to the base model: weights cleared, merged weights restored. Live rows stay as they are."""
@@ -226,47 +243,74 @@ class DecodeBatch:
         self._dirty = True
 
     @torch.inference_mode()
-    def add(self, requests: Sequence[DecodeRequest]) -> list[DecodeRow]:
+    def add(self, requests: Sequence[DecodeRequest], prefill_chunk: int = 0) -> list[DecodeRow]:
         """Route and prefill ``requests`` and join them to the batch; their first token comes at the next
-        ``step``. Returns their rows (``row.tag`` is ``request.tag``)."""
+        ``step``. Returns their rows (``row.tag`` is ``request.tag``). ``prefill_chunk`` > 0, while other rows
+        are decoding: the prompts are prefilled that many columns per ``step`` (each step then runs one chunk
+        before its decode pass), so a long prompt does not stall the running rows; they join when it is done."""
         requests = list(requests)
         if not requests:
             return []
         if not self.can_join or (self.merge and len(requests) > 1):
             raise DLPError("decode batch: rows cannot join now (merge mode decodes one row at a time, and this "
                            "model's cache cannot be re-aligned)")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise DLPError(f"prefill_chunk: must be an integer >= 0, got {prefill_chunk!r}")
         for r in requests:
             r.check()
-        planned = self.pipe.mixtures(requests)           # routing first: a bad request fails before any work
-        tok = self.pipe.tokenizer
+        p = self._prepare(requests)
+        width = p.ids.shape[1]
+        p.chunk = prefill_chunk if prefill_chunk and self.rows and not self.merge else width
+        if p.chunk < width:
+            self._pending.append(p)
+        else:
+            self._join(p.rows, self._prefill(p, width), p.mask, p.pos[:, -1:], p.past)
+        return p.rows
+
+    def _prepare(self, requests: list[DecodeRequest]) -> "_Prefill":
+        """Route the new rows (a bad request fails before any model work), tokenize, and lay out their prefill
+        weights."""
+        planned = self.pipe.mixtures(requests)
+        tok, dev = self.pipe.tokenizer, self.pipe.device
         texts = [format_prompt(tok, r.prompt) if r.chat else r.prompt for r in requests]
         per_token = any(len(m.weights) > 1 for m, _ in planned)
         enc = tok(texts, return_tensors="pt", padding=True,
                   return_offsets_mapping=per_token and getattr(tok, "is_fast", False))
-        rows = [DecodeRow(r, m, routing, int(enc["attention_mask"][b].sum()), self.pipe.device)
+        rows = [DecodeRow(r, m, routing, int(enc["attention_mask"][b].sum()), dev)
                 for b, (r, (m, routing)) in enumerate(zip(requests, planned))]
         pre = prefill_weights([row.mixture for row in rows], [r.prompt for r in requests], texts, enc)
-        self._join(rows, *self._prefill(enc, pre))
-        return rows
+        mask = enc["attention_mask"].to(dev)
+        return _Prefill(rows, enc["input_ids"].to(dev), mask, (mask.cumsum(-1) - 1).clamp(min=0), pre)
 
-    def _prefill(self, enc, pre: torch.Tensor):
-        """Forward the new rows' prompts into a fresh cache with their prefill weights."""
-        pipe, dev = self.pipe, self.pipe.device
-        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        if self.merge and pre.dim() == 2:
-            self._apply_merged(pre[0])
+    def _prefill(self, p: "_Prefill", upto: int) -> torch.Tensor:
+        """Forward the new rows' prompt columns ``p.done:upto`` into their own cache with their prefill weights;
+        the last column's logits."""
+        pipe, cols = self.pipe, slice(p.done, upto)
+        w = p.pre[:, cols] if p.pre.dim() == 3 else p.pre
+        if self.merge and w.dim() == 2:
+            self._apply_merged(w[0])
         else:
             if self.merge:
                 pipe.fused.unmerge()
                 self._merged = None
-            pipe.fused.set_weights(pre)
+            pipe.fused.set_weights(w)
         extra = {"logits_to_keep": 1} if pipe.keep_last_logits else {}
-        out = pipe.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+        out = pipe.model(input_ids=p.ids[:, cols], attention_mask=p.mask[:, :upto], position_ids=p.pos[:, cols],
+                         past_key_values=p.past, use_cache=True, **extra)
+        p.past, p.done = out.past_key_values, upto
         self._dirty = True
-        return out.past_key_values, out.logits[:, -1].float(), mask, pos[:, -1:]
+        return out.logits[:, -1].float()
 
-    def _join(self, rows: list[DecodeRow], past, logits, mask, pos) -> None:
+    def _advance_prefill(self) -> None:
+        """One chunk of the oldest pending prefill; its rows join when their prompts are done."""
+        p = self._pending[0]
+        upto = min(p.done + p.chunk, p.ids.shape[1])
+        logits = self._prefill(p, upto)
+        if upto == p.ids.shape[1]:
+            self._pending.popleft()
+            self._join(p.rows, logits, p.mask, p.pos[:, -1:], p.past)
+
+    def _join(self, rows: list[DecodeRow], logits, mask, pos, past) -> None:
         """Append prefilled rows: their cache and mask re-aligned with the running ones on the left."""
         cur = torch.stack([row.mixture.current for row in rows])
         if not self.rows:
@@ -286,6 +330,8 @@ class DecodeBatch:
     def step(self) -> list[DecodeRow]:
         """Choose one token for every row, update texts, stop conditions, streams and mixtures, let finished rows
         leave, then run the model on the chosen tokens. Returns the rows that finished in this step."""
+        if self._pending:
+            self._advance_prefill()
         if not self.rows:
             return []
         chosen = choose_tokens(self._logits, self.rows)
