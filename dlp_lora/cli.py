@@ -207,9 +207,17 @@ def cmd_train_lora(args) -> int:
     except DLPError as e:
         raise DLPError(f"train-lora: {e}") from None
     progress = not args.no_progress
+    if args.multitask and args.data_dir is None:
+        raise DLPError("train-lora: --multitask trains one adapter on every task of --data-dir (give --data-dir)")
+    if args.data_dir is not None and args.task:
+        raise DLPError("train-lora: --task applies to --data, not --data-dir (task names come from the files)")
+    if args.multitask:
+        out = lora.train_multitask(args.model, args.data_dir, args.out, config=config, overwrite=args.overwrite,
+                                   resume=args.resume, progress=progress)
+        if lora.is_main_process():
+            print(lora.format_summary(out))
+        return 0
     if args.data_dir is not None:
-        if args.task:
-            raise DLPError("train-lora: --task applies to --data, not --data-dir (task names come from the files)")
         run = lora.train_adapters(args.model, args.data_dir, args.out, config=config, overwrite=args.overwrite,
                                   resume=args.resume, progress=progress)
         if lora.is_main_process():
@@ -234,8 +242,11 @@ def _p_train_lora(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", default=None, help="one task file (.json DictList or .jsonl)")
     src.add_argument("--data-dir", default=None, help="folder of task files: one adapter per file")
+    p.add_argument("--multitask", action="store_true", help="with --data-dir: ONE adapter on the union of all "
+                   "tasks (the multitask baseline of dlp-lora eval; --out RUN/multitask)")
     p.add_argument("--task", default=None, help="task name for --data (default: from the file)")
-    p.add_argument("--out", required=True, help="adapter folder (with --data) or run folder (with --data-dir)")
+    p.add_argument("--out", required=True, help="adapter folder (with --data or --multitask) or run folder "
+                   "(with --data-dir)")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default -1: use --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
     p.add_argument("--target-modules", default=None, help="comma list of module names or all-linear "

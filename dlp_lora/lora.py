@@ -1,4 +1,4 @@
-"""Train one task LoRA on Q/A data with PEFT + the transformers ``Trainer`` (``dlp-lora train-lora``).
+"""Train task LoRAs on Q/A data with PEFT + the transformers ``Trainer`` (``dlp-lora train-lora``).
 
 The seed's page 1 ("Basic LoRA Training"), done on any Hugging Face causal LM:
 
@@ -12,6 +12,11 @@ The seed's page 1 ("Basic LoRA Training"), done on any Hugging Face causal LM:
   seed saved only every 2001 steps) into a temp sibling folder that is renamed into place, so an interrupted run
   never leaves a folder that looks finished.
 
+Three entry points share one training recipe (:func:`_train`, a short list of named steps):
+:func:`train_adapter` (one task file), :func:`train_adapters` (one adapter per task file of a folder, plus
+``adapters.txt``) and :func:`train_multitask` (ONE adapter on the union of a folder's tasks: the "why not just
+train one LoRA" baseline of the evaluation).
+
 Output folder (an ordinary PEFT adapter that ``PeftModel.from_pretrained`` loads)::
 
     adapter_config.json  adapter_model.safetensors  dlp_task.json  train_config.json
@@ -22,27 +27,38 @@ file's folder; the seed's "LoRA pathList.txt"), read back by :func:`dlp_lora.run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from .config import (DLPError, LoRATrainConfig, read_text_file, atomic_dir, check_output_path, atomic_write_json, atomic_write_text, config_to_dict,
-                     save_config)
-from .data import TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
-from .run import (ADAPTER_CONFIG, ADAPTER_LIST, ADAPTER_WEIGHTS, TASK_META, TRAIN_CONFIG, read_adapter_list,
-                  read_task_meta, write_adapter_list)
+from .config import (DLPError, LoRATrainConfig, atomic_dir, atomic_write_json, check_output, check_output_path,
+                     config_to_dict, save_config)
+from .data import QARecord, TaskData, file_sha256, format_prompt, read_task, read_task_dir, task_files
+from .run import (ADAPTER_CONFIG, ADAPTER_LIST, ADAPTER_WEIGHTS, TASK_META, TRAIN_CONFIG, adapter_list_path,
+                  check_adapter_dir, read_adapter_list, read_task_meta, write_adapter_list)
 
 RESUME_INFO = "dlp_resume.json"     # inside the work folder: what a resumed run must match
 IGNORE_INDEX = -100                 # label value the causal-LM loss ignores
+MULTITASK = "multitask"             # task name of the one-LoRA-on-all-tasks adapter (RUN/multitask/)
+# No tokenizer of a natural-language model packs more than this many characters into one token on average, so a
+# question longer than max_length * CHARS_PER_TOKEN characters cannot fit max_length tokens: it is dropped before
+# tokenising, and a longer answer is cut there first (a 50 MB record must not cost gigabytes of token ids).
+CHARS_PER_TOKEN = 16
+
+__all__ = ["train_adapter", "train_adapters", "train_multitask", "multitask_data", "tokenize_task", "collate",
+           "answer_eos_id", "format_summary", "work_dir_for", "is_finished_adapter", "is_main_process",
+           "linear_module_names", "check_target_modules", "check_adapter_dir", "read_adapter_list",
+           "read_task_meta", "write_adapter_list", "ADAPTER_LIST", "MULTITASK"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Small helpers
-# ----------------------------------------------------------------------------------------------------------------
 
 def is_main_process() -> bool:
     """True in a plain process and in rank 0 of a ``torchrun`` / ``accelerate launch`` job (reads ``RANK``)."""
@@ -81,9 +97,7 @@ def format_summary(out_dir: str | os.PathLike, meta: dict | None = None) -> str:
     return f"{meta.get('task')}: {steps} steps, {loss}, {secs:.1f}s{per}, adapter {size} -> {out_dir}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Tokenisation and collation (answer-only loss)
-# ----------------------------------------------------------------------------------------------------------------
 
 def answer_eos_id(model, tokenizer) -> int:
     """The token appended after every answer: the tokenizer's EOS when generation stops on it (for chat models
@@ -98,25 +112,35 @@ def answer_eos_id(model, tokenizer) -> int:
     return ids[0]
 
 
+def _record_features(rec: QARecord, tokenizer, eos_id: int, max_length: int) -> dict | None:
+    """``input_ids`` / ``labels`` of one record, or None when no answer token fits ``max_length``."""
+    bound = max_length * CHARS_PER_TOKEN
+    if len(rec.question) > bound:        # its prompt is longer than max_length tokens: dropped, never tokenised
+        return None
+    prompt_ids = list(tokenizer(format_prompt(tokenizer, rec.question))["input_ids"])
+    if len(prompt_ids) >= max_length:
+        return None
+    cut = len(rec.answer) > bound        # a cut answer gets no EOS: the model must not learn to stop there
+    answer_ids = list(tokenizer(rec.answer[:bound], add_special_tokens=False)["input_ids"]) + ([] if cut else [eos_id])
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
 def tokenize_task(task: TaskData, tokenizer, eos_id: int, max_length: int) -> tuple[list[dict], int]:
     """Token ids and labels per record: ``prompt + answer + EOS`` with prompt labels set to -100.
 
     The prompt is tokenised alone, as the inference side tokenises it, so the answer tokens the model learns are
     the ones it must generate after exactly those prompt tokens. Records longer than ``max_length`` are cut at
-    the end; records left with no answer token are dropped. Returns ``(features, dropped)``.
+    the end; records left with no answer token are dropped (text beyond ``max_length * CHARS_PER_TOKEN``
+    characters is never tokenised). Returns ``(features, dropped)``.
     """
     feats: list[dict] = []
-    dropped = 0
     for rec in task.records:
-        prompt_ids = list(tokenizer(format_prompt(tokenizer, rec.question))["input_ids"])
-        answer_ids = list(tokenizer(rec.answer, add_special_tokens=False)["input_ids"]) + [eos_id]
-        ids = (prompt_ids + answer_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-        if all(l == IGNORE_INDEX for l in labels):
-            dropped += 1
-            continue
-        feats.append({"input_ids": ids, "labels": labels})
-    return feats, dropped
+        f = _record_features(rec, tokenizer, eos_id, max_length)
+        if f is not None:
+            feats.append(f)
+    return feats, len(task.records) - len(feats)
 
 
 def collate(features: Sequence[dict], pad_id: int) -> dict:
@@ -139,9 +163,7 @@ def collate(features: Sequence[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Target modules
-# ----------------------------------------------------------------------------------------------------------------
 
 def _linear_kinds() -> tuple:
     import torch
@@ -189,9 +211,38 @@ def check_target_modules(model, targets: list[str] | str, where: str = "model") 
                            f"(available linear modules: {available}; or all-linear)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training one adapter
-# ----------------------------------------------------------------------------------------------------------------
+# The training recipe: named steps shared by every entry point
+
+@dataclasses.dataclass
+class _Source:
+    """What one adapter is trained on, and how its provenance is recorded in ``dlp_task.json``."""
+
+    task: TaskData                          # the records (one task, or the multitask union)
+    where: str                              # file or folder named in messages and in dlp_task.json "data_file"
+    sha256: str                             # hash of the data (a resumed run must see the same data)
+    inputs: list[Path]                      # paths the output must never replace
+    meta: dict = dataclasses.field(default_factory=dict)  # extra dlp_task.json fields (multitask: its tasks)
+
+
+def _check_config(config: LoRATrainConfig | None) -> LoRATrainConfig:
+    config = config if config is not None else LoRATrainConfig()
+    if not isinstance(config, LoRATrainConfig):
+        raise DLPError(f"config: expected LoRATrainConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_adapter_output(out: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> bool:
+    """Cheap output checks before any model is loaded; True when ``out`` is already finished and kept (resume)."""
+    if out.exists() and not out.is_dir():
+        raise DLPError(f"{out}: output exists and is a file")
+    check_output(out, overwrite=True, inputs=inputs)     # the root, an input, a path below a file: never
+    if resume and is_finished_adapter(out):
+        return True
+    if out.exists() and not overwrite:
+        what = "already holds an adapter" if (out / ADAPTER_CONFIG).exists() else "already exists"
+        raise DLPError(f"{out}: {what} (pass --overwrite to replace it)")
+    return False
+
 
 def _use_bf16(precision: str) -> bool:
     import torch
@@ -203,15 +254,78 @@ def _use_bf16(precision: str) -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def _loss_history(log_history: list[dict]) -> tuple[float | None, float | None]:
-    losses = [float(h["loss"]) for h in log_history if "loss" in h]
-    return (losses[0], losses[-1]) if losses else (None, None)
+def _load_base(model_spec, config: LoRATrainConfig):
+    """The frozen base model and tokenizer on the CPU (Trainer moves it to this process's device). In bf16 mode
+    the frozen weights are held in bf16 (half the memory) while PEFT keeps the LoRA weights in fp32 and Trainer
+    autocasts (standard mixed precision)."""
+    from .models import load_model
+
+    model, tokenizer = load_model(model_spec, device="cpu", dtype="bf16" if _use_bf16(config.precision) else "fp32")
+    check_target_modules(model, config.target_list(), where=f"{model_spec}")
+    return model, tokenizer
 
 
-def _resume_info(task: TaskData, data_sha: str, config: LoRATrainConfig, identity: dict) -> dict:
+def _features(source: _Source, model, tokenizer, config: LoRATrainConfig, progress: bool) -> list[dict]:
+    feats, dropped = tokenize_task(source.task, tokenizer, answer_eos_id(model, tokenizer), config.max_length)
+    if not feats:
+        raise DLPError(f"{source.where}: no record keeps an answer token within max_length={config.max_length}")
+    if dropped and progress and is_main_process():
+        print(f"{source.where}: {dropped} record(s) dropped (prompt longer than max_length={config.max_length})")
+    return feats
+
+
+def _add_lora(model, model_spec, config: LoRATrainConfig):
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(config.seed)  # LoRA A init and dropout are drawn from here
+    lora_cfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=config.target_list(), use_rslora=config.use_rslora, bias="none",
+                          task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora_cfg)
+    except ValueError as e:  # PEFT's own target check (e.g. a name matching a non-linear module)
+        raise DLPError(f"{model_spec}: cannot add LoRA: {str(e).splitlines()[0]}") from None
+    model.train()
+    return model
+
+
+def _training_arguments(config: LoRATrainConfig, work: Path, progress: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate only
+    # builds a CPU process group (gloo) when told "cpu", otherwise each process would silently train alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work),             # every file Trainer writes stays in the work folder
+        use_cpu=multi_cpu,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # < 1: a fraction of the schedule (transformers 5)
+        lr_scheduler_type="linear",
+        logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        bf16=_use_bf16(config.precision),
+        seed=config.seed, data_seed=config.seed,
+        report_to="none", push_to_hub=False,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,       # our features are already model inputs
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # frozen base: only LoRA weights take gradients
+    )
+
+
+def _resume_info(source: _Source, config: LoRATrainConfig, identity: dict) -> dict:
     # What a resumed run must share with the interrupted one (how often to save/log may change).
     cfg = {k: v for k, v in config_to_dict(config).items() if k not in ("save_steps", "logging_steps")}
-    return {"task": task.name, "data_sha256": data_sha, "config": cfg, "base_fingerprint": identity.get("fingerprint")}
+    return {"task": source.task.name, "data_sha256": source.sha256, "config": cfg,
+            "base_fingerprint": identity.get("fingerprint")}
 
 
 def _last_checkpoint(work: Path) -> Path | None:
@@ -226,6 +340,114 @@ def _last_checkpoint(work: Path) -> Path | None:
     return best[1] if best else None
 
 
+def _start_or_resume(work: Path, info: dict, resume: bool, state, progress: bool) -> Path | None:
+    """The checkpoint to resume from (None: start over in a fresh work folder holding ``info``)."""
+    checkpoint = _last_checkpoint(work) if resume else None
+    if checkpoint is not None:
+        try:
+            saved = json.loads((work / RESUME_INFO).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved != info:
+            raise DLPError(f"{work}: the interrupted run used other data, options or base model "
+                           f"(rerun without --resume to start over)")
+        if progress and state.is_main_process:
+            print(f"resuming from {checkpoint}")
+        return checkpoint
+    if state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)  # a stale partial run from other options/data
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(work / RESUME_INFO, info)
+    state.wait_for_everyone()
+    return None
+
+
+def _loss_curve(log_history: list[dict]) -> list[list[float]]:
+    """``[[step, loss], ...]`` as logged by Trainer (every ``logging_steps``): shows whether training flattened."""
+    return [[int(h.get("step", 0)), round(float(h["loss"]), 5)] for h in log_history if "loss" in h]
+
+
+def _adapter_meta(source: _Source, feats: list, trainer, config, identity: dict, seconds: float,
+                  checkpoint: Path | None) -> dict:
+    curve = _loss_curve(trainer.state.log_history)
+    return {
+        "task": source.task.name,
+        "data_file": source.where,
+        "data_sha256": source.sha256,
+        "records": len(source.task.records),
+        "records_used": len(feats),
+        "metric": source.task.metric,
+        "choices": source.task.choices,
+        "rank": config.rank,
+        "steps": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "world_size": int(trainer.args.world_size),
+        "loss_start": curve[0][1] if curve else None,
+        "loss_end": curve[-1][1] if curve else None,
+        "loss_curve": curve,
+        "base_model": identity,
+        "train_seconds": round(seconds, 3),
+        "resumed_from_step": int(checkpoint.name[11:]) if checkpoint else 0,
+        **source.meta,
+    }
+
+
+def _save_adapter(trainer, state, out: Path, work: Path, meta: dict, config: LoRATrainConfig) -> None:
+    """Every process takes part in the save (FSDP/DeepSpeed gather the weights); only the main one writes the
+    PEFT files (not Trainer's pickled training_args.bin) + metadata into a temp folder renamed into place."""
+    final_stage = work / "final"
+    trainer.save_model(str(final_stage))
+    state.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        with atomic_dir(out, overwrite=True) as tmp:
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                if not (final_stage / name).is_file():
+                    raise DLPError(f"{final_stage}: Trainer did not write {name}")
+                shutil.copy2(final_stage / name, tmp / name)
+            atomic_write_json(tmp / TASK_META, {**meta, "adapter_bytes": (tmp / ADAPTER_WEIGHTS).stat().st_size})
+            save_config(config, tmp / TRAIN_CONFIG)
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+
+
+def _train(model_spec, source: _Source, out_dir, config: LoRATrainConfig, overwrite: bool, resume: bool,
+           progress: bool, callbacks: list | None) -> Path:
+    """The recipe: check output -> load base -> tokenise -> add LoRA -> Trainer (fresh or resumed) -> save."""
+    out = Path(out_dir).absolute()
+    if _check_adapter_output(out, source.inputs, overwrite, resume):
+        if progress and is_main_process():
+            print(f"{out}: already trained (resume): kept")
+        return out
+    from accelerate import PartialState
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from .models import model_identity
+
+    model, tokenizer = _load_base(model_spec, config)
+    identity = model_identity(model)
+    feats = _features(source, model, tokenizer, config, progress)
+    model = _add_lora(model, model_spec, config)
+    work = work_dir_for(out)
+    args = _training_arguments(config, work, progress)
+    _ = args.device  # sets up the (possibly distributed) process state before we coordinate on files
+    state = PartialState()
+    checkpoint = _start_or_resume(work, _resume_info(source, config, identity), resume, state, progress)
+    trainer = Trainer(model=model, args=args, train_dataset=feats,
+                      data_collator=functools.partial(collate, pad_id=int(tokenizer.pad_token_id)),
+                      callbacks=list(callbacks or []))
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-log dict prints
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    meta = _adapter_meta(source, feats, trainer, config, identity, time.time() - t0, checkpoint)
+    _save_adapter(trainer, state, out, work, meta, config)
+    model.eval()
+    return out
+
+
+# Entry points
+
 def train_adapter(model_spec: str | os.PathLike, data_path: str | os.PathLike, out_dir: str | os.PathLike,
                   task: str | None = None, config: LoRATrainConfig | None = None, overwrite: bool = False,
                   resume: bool = False, progress: bool = True, metric: str | None = None,
@@ -238,154 +460,70 @@ def train_adapter(model_spec: str | os.PathLike, data_path: str | os.PathLike, o
     ``transformers.TrainerCallback`` objects (tests and users use them to watch or stop training).
     Runs unchanged under ``accelerate launch`` / ``torchrun``: every process trains, only the main one writes.
     """
-    config = config if config is not None else LoRATrainConfig()
-    if not isinstance(config, LoRATrainConfig):
-        raise DLPError(f"config: expected LoRATrainConfig, got {type(config).__name__}")
-    out = Path(out_dir).absolute()
-    work = work_dir_for(out)
-
-    # Cheap checks first: data and output folder, before any model is loaded.
+    config = _check_config(config)
     data_path = Path(data_path).absolute()
-    task_data = read_task(data_path, task=task, metric=metric)
-    if out.exists() and not out.is_dir():
-        raise DLPError(f"{out}: output exists and is a file")
-    check_output_path(out)
-    if resume and is_finished_adapter(out):
-        if progress and is_main_process():
-            print(f"{out}: already trained (resume): kept")
-        return out
-    if out.exists() and not overwrite:
-        what = "already holds an adapter" if (out / ADAPTER_CONFIG).exists() else "already exists"
-        raise DLPError(f"{out}: {what} (pass --overwrite to replace it)")
+    task_data = read_task(data_path, task=task, metric=metric)   # cheap checks first: no model loaded yet
+    source = _Source(task_data, str(data_path), file_sha256(data_path), [data_path])
+    return _train(model_spec, source, out_dir, config, overwrite, resume, progress, callbacks)
 
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import PrinterCallback
 
-    from .models import load_model, model_identity
+def multitask_data(tasks: Sequence[TaskData], seed: int = 0) -> TaskData:
+    """The union of the tasks' records as one task named ``multitask``, shuffled with ``seed``: each record is
+    formatted exactly as in its own task's training (its question, its answer), so the only difference from
+    the task LoRAs is that one adapter sees them all."""
+    recs = [dataclasses.replace(r, task=t.name, choices=r.choices or t.choices) for t in tasks for r in t.records]
+    random.Random(seed).shuffle(recs)
+    return TaskData(name=MULTITASK, records=recs, metric="exact")
 
-    data_sha = file_sha256(data_path)
-    use_bf16 = _use_bf16(config.precision)
-    # Base weights stay frozen; in bf16 mode they are held in bf16 (half the memory) while PEFT keeps the
-    # LoRA weights in fp32 and Trainer autocasts (standard mixed precision). The model is loaded on the CPU;
-    # Trainer moves it to this process's device (one GPU per process under accelerate/torchrun).
-    model, tokenizer = load_model(model_spec, device="cpu", dtype="bf16" if use_bf16 else "fp32")
-    identity = model_identity(model)
-    targets = config.target_list()
-    check_target_modules(model, targets, where=f"{model_spec}")
-    eos_id = answer_eos_id(model, tokenizer)
-    feats, dropped = tokenize_task(task_data, tokenizer, eos_id, config.max_length)
-    if not feats:
-        raise DLPError(f"{data_path}: no record keeps an answer token within max_length={config.max_length}")
-    if dropped and progress and is_main_process():
-        print(f"{data_path}: {dropped} record(s) dropped (prompt longer than max_length={config.max_length})")
 
-    from peft import LoraConfig, get_peft_model
+def _folder_sha(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
-    set_seed(config.seed)  # LoRA A init and dropout are drawn from here
-    lora_cfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=targets, use_rslora=config.use_rslora, bias="none", task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lora_cfg)
-    except ValueError as e:  # PEFT's own target check (e.g. a name matching a non-linear module)
-        raise DLPError(f"{model_spec}: cannot add LoRA: {str(e).splitlines()[0]}") from None
-    model.train()
 
-    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate only
-    # builds a CPU process group (gloo) when told "cpu", otherwise each process would silently train alone.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(work),             # every file Trainer writes stays in the work folder
-        use_cpu=multi_cpu,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_ratio,  # < 1: a fraction of the schedule (transformers 5)
-        lr_scheduler_type="linear",
-        logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
-        bf16=use_bf16,
-        seed=config.seed, data_seed=config.seed,
-        report_to="none", push_to_hub=False,
-        disable_tqdm=not progress,
-        remove_unused_columns=False,       # our features are already model inputs
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,  # frozen base: only LoRA weights take gradients
-    )
-    _ = args.device  # sets up the (possibly distributed) process state before we coordinate on files
-    from accelerate import PartialState
+def train_multitask(model_spec: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    config: LoRATrainConfig | None = None, overwrite: bool = False, resume: bool = False,
+                    progress: bool = True, callbacks: list | None = None) -> Path:
+    """Train ONE LoRA on the union of every task file of ``data_dir`` (the paper's "one LoRA on all tasks"
+    comparison) into ``out_dir`` (``RUN/multitask/`` by convention; not listed in ``adapters.txt``).
 
-    state = PartialState()
-    main = state.is_main_process
-    info = _resume_info(task_data, data_sha, config, identity)
-    checkpoint = None
-    if resume:
-        checkpoint = _last_checkpoint(work)
-        if checkpoint is not None:
-            try:
-                saved = json.loads((work / RESUME_INFO).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                saved = None
-            if saved != info:
-                raise DLPError(f"{work}: the interrupted run used other data, options or base model "
-                               f"(rerun without --resume to start over)")
-            if progress and main:
-                print(f"resuming from {checkpoint}")
-    if checkpoint is None:
-        if main:
-            shutil.rmtree(work, ignore_errors=True)  # a stale partial run from other options/data
-            work.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(work / RESUME_INFO, info)
-        state.wait_for_everyone()
+    Its ``dlp_task.json`` says task ``multitask``, the tasks and record counts it saw, and its rank; the loss
+    curve shows whether its step budget was enough. Same output, overwrite and resume rules as
+    :func:`train_adapter`.
+    """
+    config = _check_config(config)
+    data_dir = Path(data_dir).absolute()
+    tasks = read_task_dir(data_dir)
+    files = [Path(f).absolute() for f in task_files(data_dir)]
+    union = multitask_data(tasks, config.seed)
+    extra = {"tasks": [t.name for t in tasks], "records_per_task": {t.name: len(t.records) for t in tasks},
+             "metric": None}
+    source = _Source(union, str(data_dir), _folder_sha(files), [data_dir, *files], extra)
+    return _train(model_spec, source, out_dir, config, overwrite, resume, progress, callbacks)
 
-    trainer = Trainer(model=model, args=args, train_dataset=feats,
-                      data_collator=functools.partial(collate, pad_id=int(tokenizer.pad_token_id)),
-                      callbacks=list(callbacks or []))
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-log dict prints
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.time() - t0
 
-    # Every process takes part in the save (FSDP/DeepSpeed gather the weights); only the main one writes.
-    final_stage = work / "final"
-    trainer.save_model(str(final_stage))
-    state.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        loss_start, loss_end = _loss_history(trainer.state.log_history)
-        with atomic_dir(out, overwrite=True) as tmp:
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):  # not Trainer's pickled training_args.bin
-                if not (final_stage / name).is_file():
-                    raise DLPError(f"{final_stage}: Trainer did not write {name}")
-                shutil.copy2(final_stage / name, tmp / name)
-            meta = {
-                "task": task_data.name,
-                "data_file": str(data_path),
-                "data_sha256": data_sha,
-                "records": len(task_data.records),
-                "records_used": len(feats),
-                "metric": task_data.metric,
-                "choices": task_data.choices,
-                "steps": int(trainer.state.global_step),
-                "epochs": float(trainer.state.epoch or 0.0),
-                "world_size": int(args.world_size),
-                "loss_start": loss_start,
-                "loss_end": loss_end,
-                "base_model": identity,
-                "train_seconds": round(train_seconds, 3),
-                "adapter_bytes": (tmp / ADAPTER_WEIGHTS).stat().st_size,
-                "resumed_from_step": int(checkpoint.name[11:]) if checkpoint else 0,
-            }
-            atomic_write_json(tmp / TASK_META, meta)
-            save_config(config, tmp / TRAIN_CONFIG)
-        shutil.rmtree(work, ignore_errors=True)
-    state.wait_for_everyone()
-    model.eval()
-    return out
+def _check_run_output(run: Path, data_dir: Path, outs: list[Path], overwrite: bool, resume: bool) -> None:
+    """Refuse, before training, a run folder that would lose data: the root or an input folder, one whose
+    ``adapters.txt`` lists other adapters (its router would no longer match), or finished adapters without
+    ``--overwrite``/``--resume``."""
+    check_output(run, overwrite=True, inputs=[data_dir])
+    for o in outs:
+        check_output(o, overwrite=True, inputs=[data_dir])
+    listing = run / ADAPTER_LIST
+    if listing.is_file() and not overwrite:
+        try:
+            same = [p.resolve() for p in read_adapter_list(adapter_list_path(run))] == [o.resolve() for o in outs]
+        except DLPError:
+            same = False
+        if not same:
+            raise DLPError(f"{listing}: the run lists other adapters than the tasks of {data_dir} "
+                           f"(pass --overwrite to replace them, or choose a new --out)")
+    if not overwrite and not resume:
+        for o in outs:
+            if o.exists():
+                raise DLPError(f"{o}: already exists (pass --overwrite to replace it, or --resume to continue)")
 
 
 def train_adapters(model_spec: str | os.PathLike, data_dir: str | os.PathLike, run_dir: str | os.PathLike,
@@ -394,27 +532,26 @@ def train_adapters(model_spec: str | os.PathLike, data_dir: str | os.PathLike, r
     """Train one adapter per task file of ``data_dir`` (sorted by file name) into ``run_dir/adapters/<task>/``
     and write ``run_dir/adapters.txt`` in the same order; return ``run_dir``.
 
-    With ``resume`` finished adapters are skipped and an interrupted one continues from its last checkpoint.
+    ``adapters.txt`` is written only when every adapter is finished: a run that fails on one task keeps the
+    finished adapters and its old ``adapters.txt`` (if any) and says how to continue (``--resume`` skips
+    finished adapters and continues an interrupted one from its last checkpoint).
     """
-    config = config if config is not None else LoRATrainConfig()
+    config = _check_config(config)
     run = Path(run_dir).absolute()
+    data_dir = Path(data_dir).absolute()
     tasks = read_task_dir(data_dir)           # validates every file and unique names before any training
     files = task_files(data_dir)
     outs = [run / "adapters" / t.name for t in tasks]
-    if not overwrite and not resume:
-        for o in outs:
-            if o.exists():
-                raise DLPError(f"{o}: already exists (pass --overwrite to replace it, or --resume to continue)")
+    _check_run_output(run, data_dir, outs, overwrite, resume)
     for i, (f, t, o) in enumerate(zip(files, tasks, outs), 1):
         if progress and is_main_process():
             print(f"[{i}/{len(tasks)}] task {t.name}: {f}")
-        train_adapter(model_spec, f, o, task=t.name, config=config, overwrite=overwrite, resume=resume,
-                      progress=progress, callbacks=callbacks)
+        try:
+            train_adapter(model_spec, f, o, task=t.name, config=config, overwrite=overwrite, resume=resume,
+                          progress=progress, callbacks=callbacks)
+        except DLPError as e:
+            raise DLPError(f"{e} [run {run}: {i - 1} of {len(tasks)} adapters finished; "
+                           f"fix this and rerun with --resume to continue]") from None
     if is_main_process():
         write_adapter_list(run / ADAPTER_LIST, outs)
     return run
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Adapter lists and folders
-# ----------------------------------------------------------------------------------------------------------------
