@@ -487,6 +487,7 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
     assert_one_line_error(cli("serve", "--run", tmp_path, "--max-batch", "0"), "max_batch")
     assert_one_line_error(cli("serve", "--run", tmp_path, "--top-p", "2"), "--top-p")
     assert_one_line_error(cli("serve", "--run", tmp_path, "--upstream-timeout", "0"), "upstream_timeout_s")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--mixture-mode", "public"), "mixture_mode")
     import socket
 
     with socket.socket() as busy:

@@ -18,18 +18,16 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
 import os
 import time
 from pathlib import Path
 
 from ..config import DLPError
-from .engine import Engine, first_line
+from .engine import Engine, log_failure
 from .scheduler import Batcher, EngineStats, Job
 from .schema import (BASE_MODEL, DLP_MODEL, ROUTING_FIELD, APIError, GenRequest, ServeConfig, json_type, parse_body,
                      parse_request, sse)
 
-log = logging.getLogger("dlp_lora.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 POLL_S = 0.5                            # how often a waiting request checks that its client is still there
 MAX_HEADER_BYTES = 16 * 1024            # all request headers together (h11's own limit for headers in transit)
@@ -184,7 +182,7 @@ class Gate:
         try:
             await self.app(scope, receive, watch)
         except Exception as e:
-            log.error("dlp-lora serve: %s %s failed: %s", scope.get("method"), scope.get("path"), first_line(e))
+            log_failure(f"{scope.get('method')} {scope.get('path')} failed", e)
             if not started:
                 await send_error(send, APIError(500, f"internal error ({e.__class__.__name__})", type="server_error",
                                                 code="internal_error"))

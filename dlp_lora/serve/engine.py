@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import DLPError
+from ..config import DLPError, format_error
 from ..data import format_prompt
 from ..run import check_adapter_dir
 from .scheduler import EngineStats, Job, routing_key, split_groups
@@ -24,9 +24,10 @@ log = logging.getLogger("dlp_lora.serve")
 MAX_NAME_CHARS = 128
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{e.__class__.__name__}: {text.splitlines()[0][:300]}" if text else e.__class__.__name__
+def log_failure(what: str, e: BaseException) -> None:
+    """One log line for an error nobody expected (the project's one error formatter); the traceback only with
+    DLP_LORA_DEBUG=1, as in the CLI and the web app."""
+    log.error("dlp-lora serve: %s: %s", what, format_error(e), exc_info=e if os.environ.get("DLP_LORA_DEBUG") else None)
 
 
 class Engine:
@@ -100,9 +101,9 @@ class Engine:
     def _fail(self, job: Job, e: Exception) -> None:
         self.stats.failed_rows += 1
         if isinstance(e, DLPError):   # the engine refused this row's input in words: a client error
-            job.emit("error", APIError(400, f"request: {first_line(e).partition(': ')[2]}", code="invalid_request"))
+            job.emit("error", APIError(400, f"request: {format_error(e)}", code="invalid_request"))
             return
-        log.error("dlp-lora serve: request %s failed in the engine: %s", job.id, first_line(e))
+        log_failure(f"request {job.id} failed in the engine", e)
         job.emit("error", APIError(500, f"generation failed ({e.__class__.__name__}); other requests are unaffected",
                                    type="server_error", code="generation_failed"))
 
