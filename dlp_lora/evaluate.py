@@ -41,7 +41,7 @@ from .composite import CompositeItem, CompositePrompt, build_composites, composi
 from .config import DLPError, atomic_dir, atomic_write_json, atomic_write_text, check
 from .data import TaskData, read_task, task_files
 from .metrics import SCORE_METRICS, TEXT_METRICS, ROUGE_TYPES, score, task_scores
-from .run import Run, open_run
+from .run import MULTITASK_DIR, Run, open_run
 from .selection import SelectionConfig
 
 SYSTEMS = ("base", "single", "dlp", "dlp-sentence", "dlp-segment", "top1", "multitask", "uniform", "oracle-segment")
@@ -51,7 +51,6 @@ ORACLE = ("single", "oracle-segment")                          # use the true ta
 COMPOSITE_ONLY = ("dlp-segment", "oracle-segment")            # their mixtures follow numbered questions
 PER_TASK_ONLY = ("single",)                                    # one true task per prompt
 MIXTURE_REPORTED = ("dlp", "dlp-sentence")                     # the first of these present gives the routing report
-MULTITASK_DIR = "multitask"                                    # RUN/multitask/: the default multitask adapter
 # eval's dlp routes once per prompt (the original code's protocol); dlp-sentence/-segment change only this
 EVAL_SELECTION = SelectionConfig(granularity="prompt")
 _SYSTEM_GRANULARITY = {"dlp-sentence": "sentence", "dlp-segment": "segment"}

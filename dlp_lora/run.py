@@ -27,6 +27,7 @@ TRAIN_CONFIG = "train_config.json"
 ADAPTER_LIST = "adapters.txt"
 ROUTER_DIR = "router"
 ROUTER_DATA_DIR = "router_data"
+MULTITASK_DIR = "multitask"            # RUN/multitask/: one LoRA trained on all tasks (the eval baseline)
 DEFAULT_BASE = "default"
 
 

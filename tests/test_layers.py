@@ -126,7 +126,7 @@ def test_selection_choices_live_in_one_place():
         if _module(path) == "selection":
             continue
         src = path.read_text()
-        for needle in ('("paper", "renorm")', "('paper', 'renorm')", '("prompt", "sentence")', '"paper|renorm"'):
+        for needle in ('("paper", "renorm")', "('paper', 'renorm')", '("prompt", "sentence", "segment")', '"paper|renorm"'):
             if needle in src:
                 spelled.append(f"{path.relative_to(PKG)}: {needle}")
     assert not spelled, spelled

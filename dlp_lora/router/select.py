@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DLPError
-
-WEIGHTINGS = ("paper", "renorm")
+from ..selection import WEIGHTINGS
 
 # "Reaches top_p" is tested with this slack on a float64 cumulative sum: float32 probabilities such as
 # 0.7 + 0.1 sum to 0.79999999, which must count as reaching top_p = 0.8.
@@ -40,7 +39,7 @@ def _check_args(probs, top_p, weighting, max_adapters, min_confidence) -> torch.
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < float(top_p) <= 1.0):
         raise DLPError(f"select_top_p: top_p: must be in (0, 1], got {top_p!r}")
     if weighting not in WEIGHTINGS:
-        raise DLPError(f"select_top_p: weighting: must be paper|renorm, got {weighting!r}")
+        raise DLPError(f"select_top_p: weighting: must be {'|'.join(WEIGHTINGS)}, got {weighting!r}")
     if max_adapters is not None and (isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 0):
         raise DLPError(f"select_top_p: max_adapters: must be None, 0 (no cap) or a positive integer, got {max_adapters!r}")
     if min_confidence is not None and (isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float))
