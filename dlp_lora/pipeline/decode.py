@@ -17,7 +17,8 @@ left - the shorter one gets zero keys/values and a masked attention column for e
 concatenated along the batch. Each row keeps its own ``position_ids``, so padding never moves a row's positions,
 and masked columns add exactly nothing to attention: a greedy row decodes the same tokens alone, in a full
 batch, or joining one mid-way. Finished rows leave at once (the cache keeps only live rows) and columns no live
-row attends to are cut from the left.
+row attends to are cut from the left. ``add(..., prefill_chunk=k)`` prefills a joining prompt ``k`` columns per
+step, each step running one chunk before its decode pass, so a long prompt does not stall the decoding rows.
 
 One decoder per fused model at a time: the mixture lives in the model's shared fused state.
 """
