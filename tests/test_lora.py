@@ -16,7 +16,8 @@ from conftest import assert_one_line_error
 
 from dlp_lora import lora
 from dlp_lora.config import DLPError, LoRATrainConfig
-from dlp_lora.data import QARecord, TaskData, format_prompt, read_task, write_task
+from dlp_lora.run import ADAPTER_LIST
+from dlp_lora.data import QARecord, TaskData, format_prompt, read_task, read_task_dir, write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 # A learnable toy task for a random tiny model: every answer is the same word, so the adapter only has to push
@@ -65,9 +66,7 @@ def trained(tiny_model_path, tmp_path_factory):
     return out, cap.model, data
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Tokenisation and masking
-# ----------------------------------------------------------------------------------------------------------------
 
 def test_collated_labels_mask_prompt_and_padding(tiny, tmp_path):
     model, tok = tiny
@@ -105,9 +104,40 @@ def test_truncation_drops_records_without_answer(tiny):
     assert feats[0]["labels"][-1] != -100  # the answer's first token is kept, its EOS is cut
 
 
-# ----------------------------------------------------------------------------------------------------------------
+class _Recording:
+    """A tokenizer stand-in that remembers the longest text it was asked to tokenise."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_long_records_are_cut_before_tokenising(tiny):
+    """A 2 MB question or answer is never handed to the tokenizer whole (a 50 MB record must not cost GBs)."""
+    _, tok = tiny
+    rec = _Recording(tok)
+    max_len = 64
+    bound = max_len * lora.CHARS_PER_TOKEN
+    task = TaskData("t", [QARecord("why " * 500_000, "yes"), QARecord("Short?", "blue " * 400_000),
+                          QARecord("Short?", "yes")])
+    feats, dropped = lora.tokenize_task(task, rec, tok.eos_token_id, max_len)
+    assert dropped == 1 and len(feats) == 2                   # the huge question cannot fit: dropped
+    assert 0 < rec.longest <= bound + 500                     # the chat template adds a few hundred characters
+    # the huge answer keeps exactly the first tokens it has when tokenised whole, up to max_length
+    prompt_n = len(tok(format_prompt(tok, "Short?"))["input_ids"])
+    whole = tok("blue " * 100, add_special_tokens=False)["input_ids"]
+    assert feats[0]["input_ids"][prompt_n:] == whole[:max_len - prompt_n]
+    assert feats[0]["labels"][prompt_n:] == whole[:max_len - prompt_n] and len(feats[0]["input_ids"]) == max_len
+    assert feats[1]["labels"][-1] == tok.eos_token_id         # a short answer still ends with EOS
+
+
 # Training: loss, frozen base, saved adapter
-# ----------------------------------------------------------------------------------------------------------------
 
 def test_loss_goes_down_and_metadata(trained):
     out, _, data = trained
@@ -170,9 +200,7 @@ def test_saved_adapter_loads_with_peft_and_reproduces_logits(trained, tiny_model
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Atomic output and resume
-# ----------------------------------------------------------------------------------------------------------------
 
 def test_interrupted_run_resumes_to_same_step_count(tiny_model_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Trainer must write nothing into the working folder either
@@ -216,9 +244,7 @@ def test_resume_refuses_other_options(tiny_model_path, tmp_path):
                            progress=False, resume=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Multi-task runs and adapter lists
-# ----------------------------------------------------------------------------------------------------------------
 
 def test_train_adapters_writes_sorted_adapter_list(tiny_model_path, tmp_path):
     d = tmp_path / "tasks"
@@ -240,6 +266,68 @@ def test_train_adapters_writes_sorted_adapter_list(tiny_model_path, tmp_path):
     assert mtimes == [(p / "adapter_model.safetensors").stat().st_mtime_ns for p in dirs]
     with pytest.raises(DLPError, match="already exists"):
         lora.train_adapters(tiny_model_path, d, run, LoRATrainConfig(max_steps=2, **FAST), progress=False)
+
+
+def test_multitask_adapter_on_the_union_of_tasks(tiny_model_path, tmp_path, tiny):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_toy(d / "alpha.json", n=6, answer="green")
+    write_toy(d / "beta.json", n=4, answer="red")
+    out = lora.train_multitask(tiny_model_path, d, tmp_path / "run" / "multitask", LoRATrainConfig(max_steps=4, **FAST),
+                               progress=False)
+    meta = lora.read_task_meta(out)
+    assert meta["task"] == "multitask" and meta["tasks"] == ["alpha", "beta"]
+    assert meta["records_per_task"] == {"alpha": 6, "beta": 4} and meta["records"] == 10
+    assert meta["rank"] == 8 and meta["steps"] == 4 and meta["metric"] is None
+    assert [step for step, _ in meta["loss_curve"]] == [1, 2, 4]    # first step, then every logging_steps=2
+    assert meta["loss_curve"][0][1] == meta["loss_start"] and meta["loss_curve"][-1][1] == meta["loss_end"]
+    assert lora.check_adapter_dir(out)["r"] == 8                    # an ordinary PEFT adapter
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["multitask"]   # not an adapters.txt entry
+    # the union: every record of every task once, shuffled, each tokenised exactly as in its own task
+    tasks = read_task_dir(d)
+    union = lora.multitask_data(tasks, seed=0)
+    key = lambda r: (r.task, r.question, r.answer)
+    assert sorted(map(key, union.records)) == sorted((t.name, r.question, r.answer) for t in tasks for r in t.records)
+    assert [r.task for r in union.records] != sorted(r.task for r in union.records)
+    assert [key(r) for r in lora.multitask_data(tasks, seed=0).records] == [key(r) for r in union.records]
+    _, tok = tiny
+    mixed, _ = lora.tokenize_task(union, tok, tok.eos_token_id, 256)
+    alone = [f for t in tasks for f in lora.tokenize_task(t, tok, tok.eos_token_id, 256)[0]]
+    assert sorted(map(str, mixed)) == sorted(map(str, alone))
+    # same output rules as one adapter: kept on --resume, refused without --overwrite
+    mtime = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    lora.train_multitask(tiny_model_path, d, out, LoRATrainConfig(max_steps=4, **FAST), progress=False, resume=True)
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(DLPError, match="already holds an adapter"):
+        lora.train_multitask(tiny_model_path, d, out, LoRATrainConfig(max_steps=4, **FAST), progress=False)
+
+
+def test_failed_task_leaves_the_run_resumable(tiny_model_path, tmp_path, monkeypatch):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_toy(d / "a.json", n=4)
+    write_toy(d / "b.json", n=4)
+    run = tmp_path / "run"
+    cfg = LoRATrainConfig(max_steps=1, **FAST)
+    real = lora.train_adapter
+
+    def failing_on_b(model, data, out, **kw):
+        if Path(data).stem == "b":
+            raise DLPError(f"{data}: simulated failure")
+        return real(model, data, out, **kw)
+
+    monkeypatch.setattr(lora, "train_adapter", failing_on_b)
+    with pytest.raises(DLPError) as e:
+        lora.train_adapters(tiny_model_path, d, run, cfg, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "b.json: simulated failure" in msg
+    assert "1 of 2 adapters finished" in msg and "--resume" in msg
+    assert lora.is_finished_adapter(run / "adapters" / "a") and not (run / ADAPTER_LIST).exists()
+    monkeypatch.setattr(lora, "train_adapter", real)
+    mtime = (run / "adapters" / "a" / "adapter_model.safetensors").stat().st_mtime_ns
+    lora.train_adapters(tiny_model_path, d, run, cfg, progress=False, resume=True)
+    assert (run / ADAPTER_LIST).read_text() == "adapters/a\nadapters/b\n"
+    assert (run / "adapters" / "a" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_read_adapter_list_semantics(tmp_path):
@@ -303,9 +391,7 @@ def test_check_adapter_dir_and_task_meta(tmp_path, trained):
     assert lora.read_task_meta(good)["task"] == "toy"
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # CLI
-# ----------------------------------------------------------------------------------------------------------------
 
 def test_cli_train_one_task(cli, tiny_model_path, tmp_path):
     data = write_toy(tmp_path / "colours.json", n=8)
@@ -368,9 +454,47 @@ def test_cli_bad_inputs(cli, tiny_model_path, tmp_path):
     assert_one_line_error(res, "none", "folder not found")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def test_cli_multitask(cli, tiny_model_path, tmp_path):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    write_toy(d / "a.json", n=4)
+    write_toy(d / "b.json", n=4, answer="red")
+    out = tmp_path / "run" / "multitask"
+    res = cli("train-lora", "--model", tiny_model_path, "--multitask", "--data-dir", d, "--out", out, "--max-steps", "2",
+              "--rank", "4", "--no-progress")
+    assert res.code == 0, res
+    assert "multitask: 2 steps, loss" in res.out
+    assert lora.read_task_meta(out)["rank"] == 4 and lora.check_adapter_dir(out)["r"] == 4
+    res = cli("train-lora", "--model", tiny_model_path, "--multitask", "--data", d / "a.json", "--out", tmp_path / "m2")
+    assert_one_line_error(res, "--multitask", "--data-dir")
+
+
+def test_cli_refuses_to_replace_a_run_or_an_input(cli, tiny_model_path, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    write_toy(old / "a.json", n=4)
+    write_toy(new / "b.json", n=4)
+    run = tmp_path / "run"
+    base = ("train-lora", "--model", tiny_model_path, "--max-steps", "1", "--no-progress")
+    assert cli(*base, "--data-dir", old, "--out", run).code == 0
+    listing = (run / ADAPTER_LIST).read_bytes()
+    for extra in ((), ("--resume",)):    # another data folder onto an existing run: its router would not match
+        res = cli(*base, "--data-dir", new, "--out", run, *extra)
+        assert_one_line_error(res, "adapters.txt", "other adapters", str(new), "--overwrite")
+        assert (run / ADAPTER_LIST).read_bytes() == listing and not (run / "adapters" / "b").exists()
+    assert cli(*base, "--data-dir", new, "--out", run, "--overwrite").code == 0
+    assert (run / ADAPTER_LIST).read_text() == "adapters/b\n"
+    # the file-system root, the input folder itself, a folder holding the input file: refused, nothing touched
+    assert_one_line_error(cli(*base, "--data-dir", new, "--out", "/"), "root")
+    assert_one_line_error(cli(*base, "--data-dir", new, "--out", new), str(new), "input")
+    assert_one_line_error(cli(*base, "--data", new / "b.json", "--out", new, "--overwrite"), str(new), "input")
+    assert_one_line_error(cli(*base, "--data", new / "b.json", "--out", "/"), "root")
+    assert_one_line_error(cli(*base, "--multitask", "--data-dir", new, "--out", new), str(new), "input")
+    assert sorted(p.name for p in new.iterdir()) == ["b.json", "b.meta.json"]
+
+
 # Multi-process: accelerate launch, 2 CPU processes (DDP over gloo)
-# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_accelerate_two_cpu_processes_match_single_process(tiny_model_path, tmp_path):
