@@ -149,6 +149,13 @@ def cli_arg_cases():
     def add(n, argv, *nd, code=2, files=None, setup=None):
         c.append((n, argv, list(nd), code, {"in.json": QA_OK, **(files or {})}, setup or {}))
 
+    for group in (_parser_cases, _number_cases, _data_loss_cases):
+        group(add)
+    return c
+
+
+def _parser_cases(add) -> None:
+    """What argparse itself refuses, and the simplest `data` / `models` errors."""
     add("no_command", [], "required")
     add("unknown_command", ["frobnicate"], "invalid choice")
     add("data_no_sub", ["data"], "required")
@@ -164,7 +171,10 @@ def cli_arg_cases():
     add("data_check_missing_file", ["data", "check", "{tmp}/absent.json"], "absent.json", "file not found", code=1)
     add("data_check_empty_folder", ["data", "check", "{tmp}"], "no task files", code=1)
     add("models_tiny_exists", ["models", "tiny", "--out", "{case}"], "already exists", code=1)
-    # numbers: each flag's range, any integer within 64 bits, floats finite (argparse: exit 2)
+
+
+def _number_cases(add) -> None:
+    """Numbers: each flag's range, any integer within 64 bits, floats finite (argparse: exit 2)."""
     add("builtin_n_too_large", ["data", "builtin", "--out", "{tmp}/o", "--n", "10000000"], "--n", "[1, 1000000]")
     add("builtin_seed_huge", ["data", "builtin", "--out", "{tmp}/o", "--seed", str(10**23)], "--seed",
         "[0, 4294967295]")
@@ -175,7 +185,10 @@ def cli_arg_cases():
         "[0, 4294967295]")
     add("convert_limit_beyond_int64", ["data", "convert", "--format", "gsm8k", "--limit", str(2**63), "{case}/in.json",
                                        "{tmp}/o.json"], "--limit", "9223372036854775807")
-    # data loss: an existing output is replaced only with --overwrite; an input or the root never
+
+
+def _data_loss_cases(add) -> None:
+    """Data loss: an existing output is replaced only with --overwrite; an input or the root never."""
     add("builtin_out_exists", ["data", "builtin", "--out", "{case}", "--n", "2", "--tasks", "counting,capitals"],
         "capitals.json", "already exists", "--overwrite", code=1, files={"capitals.json": QA_OK})
     add("builtin_sidecar_exists", ["data", "builtin", "--out", "{case}", "--n", "2", "--tasks", "counting"],
@@ -215,7 +228,6 @@ def cli_arg_cases():
     add("models_tiny_out_root", ["models", "tiny", "--out", "/", "--overwrite"], "file-system root", code=1)
     add("models_tiny_out_parent_of_cwd", ["models", "tiny", "--out", "..", "--overwrite"], "refusing to replace",
         code=1)
-    return c
 
 
 RAW_GSM8K = '{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n'
@@ -435,13 +447,22 @@ GEN = ["generate", "--model", "{tiny}", "--device", "cpu", "--dtype", "fp32", "-
 
 
 def command_arg_cases():
-    """(name, argv, needles, code, outputs) for argument errors of the stages (argparse: 2, DLPError: 1)."""
-    c = []
-    def add(n, argv, *nd, code=1, outputs=(), setup=None, files=None):
-        c.append((n, argv, list(nd), code, list(outputs), setup or {}, {**ARG_FILES, **(files or {})}))
+    """(name, argv, needles, code, outputs, setup, files) for argument errors of the stages (argparse: 2,
+    DLPError: 1), one function per stage."""
+    cases = []
 
+    def add(n, argv, *nd, code=1, outputs=(), setup=None, files=None):
+        cases.append((n, argv, list(nd), code, list(outputs), setup or {}, {**ARG_FILES, **(files or {})}))
+
+    for stage in (_generate_cases, _export_mixture_cases, _train_lora_cases, _train_router_cases,
+                  _make_router_data_cases, _eval_cases, _serve_cases):
+        stage(add)
+    return cases
+
+
+def _generate_cases(add) -> None:
+    """`generate`: selection flags, forced weights, numbers, the run, and --input files."""
     g = GEN + ["--run", "{run}", "--prompt", "What is 2+2?"]
-    # generate
     add("gen_top_p_zero", g + ["--top-p", "0"], "--top-p", "(0, 1]")
     add("gen_top_p_above_one", g + ["--top-p", "1.5"], "--top-p", "(0, 1]")
     add("gen_top_p_negative", g + ["--top-p", "-0.2"], "--top-p", "(0, 1]")
@@ -502,7 +523,10 @@ def command_arg_cases():
     add("gen_model_is_file", ["generate", "--model", "{case}/in.json", "--run", "{run}", "--prompt", "hi"], "in.json")
     add("gen_dtype_unknown", ["generate", "--model", "{tiny}", "--dtype", "fp8", "--run", "{run}", "--prompt", "hi"], "fp8")
     add("gen_device_unknown", ["generate", "--model", "{tiny}", "--device", "tpu", "--run", "{run}", "--prompt", "hi"], "tpu")
-    # export-mixture
+
+
+def _export_mixture_cases(add) -> None:
+    """`export-mixture`: weights and the output folder."""
     ex = ["export-mixture", "--model", "{tiny}", "--run", "{run}", "--out", "{tmp}/mix"]
     add("export_weights_negative", ex + ["--weights", "arithmetic=-0.5"], "arithmetic", ">= 0", outputs=["{tmp}/mix"])
     add("export_weights_unknown_task", ex + ["--weights", "poetry=1"], "poetry", outputs=["{tmp}/mix"])
@@ -516,7 +540,10 @@ def command_arg_cases():
         code=2)
     add("export_no_adapters", ["export-mixture", "--model", "{tiny}", "--out", "{tmp}/m", "--weights", "a=1"],
         "--run", outputs=["{tmp}/m"])
-    # train-lora
+
+
+def _train_lora_cases(add) -> None:
+    """`train-lora`: LoRA options, numbers, task data and the output."""
     tl = ["train-lora", "--model", "{tiny}", "--data", "{case}/in.json", "--out", "{tmp}/ad", "--no-progress",
           "--max-steps", "1"]
     add("lora_rank_zero", tl + ["--rank", "0"], "rank", outputs=["{tmp}/ad"])
@@ -566,7 +593,10 @@ def command_arg_cases():
                                "{tmp}/ad"], "nomodel", outputs=["{tmp}/ad"])
     add("lora_out_under_file", ["train-lora", "--model", "{tiny}", "--data", "{case}/in.json", "--out",
                                 "{case}/in.json/ad", "--max-steps", "1", "--no-progress"], "in.json")
-    # train-router
+
+
+def _train_router_cases(add) -> None:
+    """`train-router`: router options, numbers, router data and the output."""
     tr = ["train-router", "--data", "{run}/router_data", "--model", "{tiny}", "--out", "{tmp}/r", "--no-progress"]
     add("router_type_unknown", tr + ["--router", "xgboost"], "unknown router type", "xgboost", outputs=["{tmp}/r"])
     add("router_epochs_zero", tr + ["--epochs", "0"], "epochs", outputs=["{tmp}/r"])
@@ -589,7 +619,10 @@ def command_arg_cases():
     add("router_model_missing", ["train-router", "--data", "{run}/router_data", "--model", "{tmp}/nomodel", "--out",
                                  "{tmp}/r"], "nomodel", outputs=["{tmp}/r"])
     add("router_adapters_missing", tr + ["--adapters", "{tmp}/noadapters.txt"], "noadapters.txt", outputs=["{tmp}/r"])
-    # make-router-data
+
+
+def _make_router_data_cases(add) -> None:
+    """`make-router-data`: fractions, numbers, sources and the output."""
     mr = ["make-router-data", "--adapters", "{run}", "--out", "{tmp}/rd", "--no-progress"]
     add("mrd_no_source", ["make-router-data", "--out", "{tmp}/rd"], "--adapters", outputs=["{tmp}/rd"])
     add("mrd_val_frac_above_one", mr + ["--val-frac", "1.5"], "val_frac", outputs=["{tmp}/rd"])
@@ -615,7 +648,10 @@ def command_arg_cases():
                                    "{tmp}/f.jsonl"], "--fuse", outputs=["{tmp}/f.jsonl"])
     add("mrd_adapters_missing", ["make-router-data", "--adapters", "{tmp}/noadapters.txt", "--out", "{tmp}/rd"],
         "noadapters.txt", outputs=["{tmp}/rd"])
-    # eval (argument errors only: evaluate.py is owned elsewhere)
+
+
+def _eval_cases(add) -> None:
+    """`eval`: argument errors (selection, systems, limits, metrics, data, output)."""
     ev = ["eval", "--run", "{run}", "--model", "{tiny}", "--data", "{run}/../data/arithmetic.json", "--out",
           "{tmp}/ev", "--no-progress", "--limit", "2", "--max-new-tokens", "2"]
     add("eval_top_p_above_one", ev + ["--top-p", "1.5"], "--top-p", "(0, 1]", outputs=["{tmp}/ev"])
@@ -637,7 +673,10 @@ def command_arg_cases():
     add("eval_out_exists", ["eval", "--run", "{run}", "--model", "{tiny}", "--data", "{run}/../data/arithmetic.json",
                             "--out", "{case}", "--no-progress"], "already exists")
     add("eval_weighting_unknown", ev + ["--weighting", "mean"], "invalid choice", code=2)
-    # serve: every one of these must fail before a server starts (config checks, run folder)
+
+
+def _serve_cases(add) -> None:
+    """`serve`: every one of these must fail before a server starts (config checks, run folder)."""
     sv = ["serve", "--run", "{run}", "--model", "{tiny}", "--device", "cpu"]
     add("serve_port_out_of_range", sv + ["--port", "70000"], "port")
     add("serve_max_queue_zero", sv + ["--max-queue", "0"], "max_queue")
@@ -647,7 +686,6 @@ def command_arg_cases():
     add("serve_max_body_negative", sv + ["--max-body-bytes", "-1"], "max_body_bytes")
     add("serve_run_missing", ["serve", "--run", "{tmp}/norun", "--model", "{tiny}", "--port", "0"], "norun", "not found")
     add("serve_model_missing", ["serve", "--run", "{run}", "--model", "{tmp}/nomodel", "--port", "0"], "nomodel")
-    return c
 
 
 def http_cases():
