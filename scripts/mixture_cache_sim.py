@@ -4,7 +4,7 @@
 The proxy routes each request once and serves: the base model (no adapter kept), a task adapter by name (one
 adapter kept: no cache needed), or an exported mixture (two or more kept) through an LRU cache keyed by the
 weights rounded to ``--decimals``. This script routes a request stream with a trained router and replays it
-through that cache (``dlp_lora.proxy.simulate_cache``) for several top-p, weightings and cache sizes.
+through that cache (``dlp_lora.serve.proxy.simulate_cache``) for several top-p, weightings and cache sizes.
 
 Request stream: ``--requests`` prompts drawn at random (with replacement, seeded) from the router test split;
 ``--composite F`` makes a fraction F of them two-task prompts (a test prompt of one task followed by one of
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
-    from dlp_lora.proxy import simulate_cache
+    from dlp_lora.serve.proxy import simulate_cache
     from dlp_lora.router import Router, select_top_p
 
     router = Router.load(args.router)
