@@ -248,6 +248,16 @@ def format_prompt(tokenizer, question: str) -> str:
     return PLAIN_TEMPLATE.format(q=question)
 
 
+def format_conversation(tokenizer, messages: list[dict]) -> str:
+    """A whole conversation (``[{"role", "content"}]``, roles system/user/assistant) as the text before the next
+    answer: the chat template when the tokenizer has one, else the plain form of :func:`format_prompt` (a single
+    user message gives exactly ``format_prompt``'s text). The one renderer of the server and the playground."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    label = {"user": "Question: ", "assistant": "Answer: "}
+    return "".join(f"{label.get(m['role'], '')}{m['content']}\n" for m in messages) + "Answer: "
+
+
 # The one sentence rule (DESIGN §4): a sentence ends at . ! ? (optionally followed by closing quotes/brackets)
 # before whitespace, or at a newline. Prompt splitting and the detection of a completed sentence in generated text
 # both use it. Cheap and deterministic on purpose: the router re-runs at each boundary during generation.

@@ -13,12 +13,11 @@ every front-end (CLI, eval, bench, demo, server, web app) goes through it, usual
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .config import DLPError, atomic_write_text, read_text_file
+from .config import DLPError, atomic_write_text, read_json_file, read_text_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -104,10 +103,7 @@ def read_adapter_list(path_or_list: str | os.PathLike | Sequence[str | os.PathLi
 # one adapter folder ---------------------------------------------------------------------------------------------
 
 def _read_json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(read_text_file(path))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise DLPError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    obj = read_json_file(path)
     if not isinstance(obj, dict):
         raise DLPError(f"{path}: expected a JSON object")
     return obj

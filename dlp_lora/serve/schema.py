@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..config import SEED_MAX, DLPError, check, parse_json
 from ..selection import SelectionConfig
+from ..data import format_conversation
 
 DLP_MODEL = "dlp"
 BASE_MODEL = "base"
@@ -25,6 +26,7 @@ MAX_WEIGHT = 100.0                      # a manual mixture weight above this onl
 MAX_STOP_CHARS = 256                    # stop strings are matched at every decode step
 MAX_STOPS = 4                           # as OpenAI
 MIXTURE_MODES = ("shared", "private")
+SCHEDULERS = ("continuous", "static")   # per decode step (rows join and leave) | batch at a time
 
 
 def _is_int(v) -> bool:
@@ -51,7 +53,9 @@ class ServeConfig:
     host: str = "127.0.0.1"                 # bind address (loopback unless told otherwise)
     port: int = 8000                        # TCP port (0: any free port)
     api_key: str = ""                       # when set, every path but /health needs "Authorization: Bearer <key>"
-    max_batch: int = 16                     # most requests joined into one engine call
+    scheduler: str = "continuous"           # "continuous": rows join/leave every decode step; "static": per batch
+    max_batch: int = 16                     # most requests decoding at once (static: joined into one engine call)
+    prefill_chunk: int = 128                # continuous: a joining prompt is prefilled this many tokens per step
     batch_window_ms: float = 10.0           # wait at most this long after a request arrives for others to join
     max_queue: int = 64                     # requests waiting for the engine at most; beyond -> 429
     max_tokens_cap: int = 512               # largest max_tokens a request may ask for (above -> 400)
@@ -79,8 +83,10 @@ class ServeConfig:
         check(isinstance(self.api_key, str), "api_key: must be a string")
         check(isinstance(self.selection, SelectionConfig),
               f"selection: must be a SelectionConfig, got {type(self.selection).__name__}")
-        for name in ("max_batch", "max_queue", "max_tokens_cap", "default_max_tokens", "max_prompt_tokens",
-                     "max_body_bytes", "retry_after_s", "max_loaded_adapters", "mixture_cache"):
+        check(self.scheduler in SCHEDULERS,
+              f"scheduler: must be {' | '.join(SCHEDULERS)}, got {short(self.scheduler)}")
+        for name in ("max_batch", "prefill_chunk", "max_queue", "max_tokens_cap", "default_max_tokens",
+                     "max_prompt_tokens", "max_body_bytes", "retry_after_s", "max_loaded_adapters", "mixture_cache"):
             v = getattr(self, name)
             check(_is_int(v) and 0 < v <= 2 ** 40, f"{name}: must be a positive integer, got {short(v)}")
         check(self.default_max_tokens <= self.max_tokens_cap,
@@ -263,13 +269,10 @@ def chat_prompt(tokenizer, messages: list) -> tuple[str, bool, str]:
     user_texts = [m["content"] for m in norm if m["role"] == "user"]
     if len(norm) == 1:
         return norm[0]["content"], True, norm[0]["content"]
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(norm, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template that refuses this conversation (e.g. roles out of order)
-            raise invalid("messages", f"chat template refused the conversation ({str(e).splitlines()[0][:200]})") from None
-    else:
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in norm) + "Assistant: "
+    try:
+        text = format_conversation(tokenizer, norm)
+    except Exception as e:  # a template that refuses this conversation (e.g. roles out of order)
+        raise invalid("messages", f"chat template refused the conversation ({str(e).splitlines()[0][:200]})") from None
     return text, False, "\n".join(user_texts)
 
 

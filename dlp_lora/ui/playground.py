@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DLPError
+from ..data import format_conversation
 from ..run import Run, open_run
 from .common import PageDefaults, SELECTION_FIELDS, frame, selection_from_form, text_or, update
 from .jobs import LOCAL_SESSION, Job, cancel_job, start_job, wait_job
@@ -103,10 +104,7 @@ def chat_text(tokenizer, history: list[dict], prompt: str) -> tuple[str, bool]:
         if isinstance(content, str) and content != EMPTY_REPLY and m.get("role") in ("user", "assistant"):
             msgs.append({"role": m["role"], "content": content})
     msgs.append({"role": "user", "content": prompt})
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False
-    text = "".join(f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}\n" for m in msgs)
-    return text + "Answer: ", False
+    return format_conversation(tokenizer, msgs), False
 
 
 # handlers ------------------------------------------------------------------------------------------------------
