@@ -194,7 +194,19 @@ def test_completion_streaming_raw_sse_ends_with_done(srv, client):
 
 # batching ---------------------------------------------------------------------------------------------------------
 
-def test_16_concurrent_requests_are_answered_correctly_in_batches(srv, client, serve_pipeline, monkeypatch):
+@pytest.fixture(scope="module")
+def static_srv(serve_pipeline):
+    """The batch-at-a-time scheduler (``--scheduler static``), kept for comparison."""
+    app = create_app(serve_pipeline, ServeConfig(scheduler="static", max_batch=16, batch_window_ms=300,
+                                                 max_tokens_cap=400, max_prompt_tokens=200))
+    with serving(app) as s:
+        yield s
+
+
+def test_16_concurrent_requests_are_answered_correctly_in_batches(static_srv, serve_pipeline, monkeypatch):
+    """The static scheduler hands the engine whole batches of heterogeneous rows."""
+    srv = static_srv
+    client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
     seen = []
     real = serve_pipeline.generate
 
@@ -608,8 +620,8 @@ def test_24_good_requests_and_one_poisoned_request_share_a_batch(serve_pipeline)
 def test_a_row_failing_inside_the_engine_fails_alone(serve_pipeline, monkeypatch, caplog):
     """Whatever still fails inside the engine fails only its own row: the batch is split and retried, the other
     rows get their exact answers (a streamed one without repeating text), the failing row a 500 logged as one
-    line."""
-    app = create_app(serve_pipeline, ServeConfig(max_batch=16, batch_window_ms=300))
+    line. (The static scheduler; the continuous one's join and step failures: test_scheduler.py.)"""
+    app = create_app(serve_pipeline, ServeConfig(scheduler="static", max_batch=16, batch_window_ms=300))
     real = serve_pipeline.generate
 
     def fragile(prompts, *args, **kw):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import DLPError
 from .engine import Engine, log_failure
-from .scheduler import Batcher, EngineStats, Job
+from .scheduler import Batcher, EngineStats, IterationBatcher, Job
 from .schema import (BASE_MODEL, DLP_MODEL, ROUTING_FIELD, APIError, GenRequest, ServeConfig, json_type, parse_body,
                      parse_request, sse)
 
@@ -40,8 +40,7 @@ class Server:
         self.config, self.pipeline = config, pipeline
         self.stats = EngineStats()
         self.engine = Engine(pipeline, config, self.stats, adapter_roots)
-        self.batcher = Batcher(self.engine.run_batch, config.max_batch, config.max_queue, config.batch_window_ms,
-                               self.stats, config.retry_after_s)
+        self.batcher = make_batcher(self.engine, config, self.stats)
         if proxy is None and config.upstream:
             from .proxy import UpstreamProxy
 
@@ -59,6 +58,15 @@ class Server:
                                 f"({DLP_MODEL}:<task>) or pass \"dlp\": {{\"weights\": {{...}}}}",
                            param="model", code="no_router")
         return req
+
+
+def make_batcher(engine: Engine, config: ServeConfig, stats: EngineStats) -> Batcher:
+    """The queue and worker of ``config.scheduler``: per decode step ("continuous") or per batch ("static")."""
+    if config.scheduler == "static":
+        return Batcher(engine.run_batch, config.max_batch, config.max_queue, config.batch_window_ms, stats,
+                       config.retry_after_s)
+    return IterationBatcher(engine.join, engine.step, engine.live, engine.abort, config.max_batch, config.max_queue,
+                            config.batch_window_ms, stats, config.retry_after_s)
 
 
 def default_adapter_roots(pipeline, run_root) -> list[Path]:
@@ -245,7 +253,8 @@ async def until_disconnected(request, awaitable):
 def health_body(server: Server) -> dict:
     body = {"status": "ok", "adapters": server.engine.names, "loaded_adapters": sorted(server.engine.loaded),
             "queue": server.batcher.pending, "max_queue": server.config.max_queue,
-            "max_batch": server.config.max_batch, "engine": server.stats.as_dict(),
+            "max_batch": server.config.max_batch, "scheduler": server.config.scheduler,
+            "engine": server.stats.as_dict(),
             "mode": "proxy" if server.proxy is not None else "local"}
     if server.proxy is not None:
         body["upstream"] = server.proxy.stats()

@@ -1,12 +1,16 @@
 """The engine side of the server: the pipeline, the adapters loaded at run time, and failure isolation.
 
-Only the worker thread generates. A batch that raises is split in halves and each half retried, down to the one
-row that fails alone: that row gets a 500 (logged as one line), every other row of the batch its answer.
+Only the worker thread generates: whole ``generate`` calls for the static scheduler, or, for the continuous
+one, the running batches of :class:`Decoding` (one step-level ``DecodeBatch`` per pipeline). Failures are
+isolated either way: a batch (or a join of new rows) that raises is split in halves and each half retried, down
+to the one row that fails alone: that row gets a 500 (logged as one line), every other row its answer. A decode
+step that raises has no row to blame: its rows are re-run through the static path, which isolates the culprit.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -48,6 +52,7 @@ class Engine:
         self.context_length = getattr(cfg, "max_position_embeddings", None) or None
         self.adapters = LoadedAdapters(pipeline, config, adapter_roots)
         self.lock = threading.RLock()
+        self.decoding = Decoding(self)
 
     @property
     def loaded(self) -> dict[str, dict]:
@@ -162,6 +167,19 @@ class Engine:
                              seed=sampled.seed if sampled else None, stop=[j.req.stop for j in jobs],
                              chat=r0.chat, on_text=on_text, batch_size=len(jobs))
 
+    # the continuous scheduler's side (worker thread) ----------------------------------------------------------------
+    def join(self, jobs: list[Job]) -> None:
+        self.decoding.join(jobs)
+
+    def step(self) -> None:
+        self.decoding.step()
+
+    def live(self) -> int:
+        return self.decoding.live()
+
+    def abort(self, error: APIError) -> None:
+        self.decoding.abort(error)
+
     def _route_conversations(self, jobs: list[Job], weights: list) -> dict[int, dict]:
         """Route multi-message chats here, on their user turns, and force that mixture (in place in
         ``weights``). The engine would otherwise split the rendered template into "sentences" such as
@@ -176,6 +194,155 @@ class Engine:
             weights[i] = w[k]
             out[i] = self.pipeline.record(jobs[i].req.route_text, w[k], probs[k], "prompt")
         return out
+
+
+class Decoding:
+    """The continuous scheduler's running batches: one step-level decoder per pipeline (the task pipeline, and
+    the loaded adapters' twin while requests use it). Rows join between two steps and leave when done."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.stats = engine, engine.stats
+        self.batches: dict[int, tuple] = {}         # id(pipeline) -> (pipeline, DecodeBatch, its jobs)
+        self.waiting: list[tuple] = []              # (pipeline, jobs, requests) that cannot join their batch yet
+
+    def live(self) -> int:
+        """Rows the engine holds: decoding, prefilling, or waiting for their batch to accept joins."""
+        return sum(len(jobs) for _, _, jobs in self.batches.values()) + sum(len(j) for _, j, _ in self.waiting)
+
+    def join(self, jobs: list[Job]) -> None:
+        """Plan ``jobs`` (engine, mixture, conversation routing) and join them to their pipeline's batch."""
+        eng = self.engine
+        with eng.lock:
+            for group in split_by_engine(jobs, eng.engine_of):
+                pipe, weights, routed_here, group = eng._plan(group)
+                for i, rec in routed_here.items():
+                    group[i].routed = rec
+                requests = [self._request(j, w) for j, w in zip(group, weights)]
+                if group:
+                    self._join(pipe, group, requests)
+
+    def _request(self, job: Job, weights):
+        from ..pipeline import DecodeRequest
+
+        job.attempt_chars = 0
+        r = job.req
+        return DecodeRequest(prompt=r.prompt, selection=r.selection, weights=weights, max_new_tokens=r.max_tokens,
+                             temperature=r.temperature, top_p_sampling=r.top_p_sampling, seed=r.seed,
+                             stop=list(r.stop), chat=r.chat, on_text=functools.partial(_stream, job), tag=job)
+
+    def _batch(self, pipe) -> tuple:
+        if id(pipe) not in self.batches:
+            self.batches[id(pipe)] = (pipe, pipe.decoder(), [])
+        return self.batches[id(pipe)]
+
+    def _join(self, pipe, jobs: list[Job], requests: list) -> None:
+        """Prefill and join ``jobs``; a join that raises is split in halves, down to the row that fails alone."""
+        _, batch, members = self._batch(pipe)
+        if not batch.can_join:                      # this model's cache cannot take rows mid-way: wait
+            self.waiting.append((pipe, jobs, requests))
+            return
+        try:
+            rows = batch.add(requests, prefill_chunk=self.engine.config.prefill_chunk)
+        except APIError as e:
+            for j in jobs:
+                j.emit("error", e)
+            return
+        except Exception as e:
+            batch.close()                           # a failed prefill may have left its mixture on the model
+            self.stats.errors += 1
+            if len(jobs) == 1:
+                self.engine._fail(jobs[0], e)
+                return
+            self.stats.isolated += 1
+            half = len(jobs) // 2
+            for part in ((jobs[:half], requests[:half]), (jobs[half:], requests[half:])):
+                self._join(pipe, *part)
+            return
+        self.stats.batches += 1
+        self.stats.batch_sizes[len(rows)] += 1
+        for job, row in zip(jobs, rows):
+            job.row = row
+            members.append(job)
+            if job.cancelled:                       # its client left while it was being prefilled
+                row.cancel()
+
+    def step(self) -> None:
+        """One decode step of every running batch; finished rows are answered, emptied batches dropped."""
+        with self.engine.lock:
+            for pipe, jobs, requests in self._retry_waiting():
+                self._join(pipe, jobs, requests)
+            for key, (pipe, batch, members) in list(self.batches.items()):
+                if not batch:
+                    batch.close()
+                    del self.batches[key]
+                    continue
+                try:
+                    done = batch.step()
+                except Exception as e:
+                    self._recover(key, e)
+                    continue
+                self.stats.steps += 1
+                self.stats.step_rows += len(batch.rows) + len(done)
+                for row in done:
+                    members.remove(row.tag)
+                    self._finish(row.tag, row.result())
+            self.stats.running = self.live()
+
+    def _retry_waiting(self) -> list[tuple]:
+        ready = [w for w in self.waiting if self._batch(w[0])[1].can_join]
+        self.waiting = [w for w in self.waiting if w not in ready]
+        return ready
+
+    def _finish(self, job: Job, res) -> None:
+        job.row = None
+        if job.routed is not None:
+            res.routing[0] = job.routed
+        self.stats.rows += 1
+        self.stats.completion_tokens += int(res.completion_tokens)
+        if res.finish_reason == "cancelled" or job.cancelled:
+            self.stats.cancelled += 1
+        job.emit("done", res)
+
+    def _recover(self, key: int, e: Exception) -> None:
+        """A decode step raised: no row to blame, so the batch is dropped and its rows re-run on the static path
+        (whole ``generate`` calls split down to the failing row); streams resume where they stopped."""
+        pipe, batch, members = self.batches.pop(key)
+        batch.close()
+        self.stats.errors += 1
+        log_failure(f"a decode step of {len(members)} row(s) failed; re-running them one call at a time", e)
+        for job in members:
+            job.row = None
+        alive = [j for j in members if not j.cancelled]
+        if alive:
+            self.engine._run_isolated(alive)
+
+    def abort(self, error: APIError) -> None:
+        """The server stops: every row still held gets ``error``."""
+        with self.engine.lock:
+            for _, batch, members in self.batches.values():
+                batch.close()
+                for job in members:
+                    job.emit("error", error)
+            for _, jobs, _ in self.waiting:
+                for job in jobs:
+                    job.emit("error", error)
+            self.batches, self.waiting = {}, []
+
+
+def _stream(job: Job, delta: str) -> bool:
+    """A row's streamed text to its client; True (cancel the row) once the client has gone."""
+    if job.cancelled:
+        return True
+    job.stream_delta(delta)
+    return False
+
+
+def split_by_engine(jobs: list[Job], engine_of) -> list[list[Job]]:
+    """Jobs grouped by the pipeline that serves them, in arrival order of each group's first job."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(engine_of(job), []).append(job)
+    return list(groups.values())
 
 
 class LoadedAdapters:

@@ -1,9 +1,17 @@
-"""Scheduling: a bounded request queue and the one worker thread that turns it into engine calls.
+"""Scheduling: a bounded request queue and the one worker thread that turns it into engine work.
 
-The worker takes the oldest request, waits at most ``batch_window_ms`` after its arrival for more (requests that
-queued while a batch was running are taken at once), and hands up to ``max_batch`` of them to the engine, which
-runs them as heterogeneous ``DLPPipeline.generate`` calls (every row with its own mixture, max tokens,
-temperature and stop strings). Requests join at batch boundaries.
+Two schedulers share the queue, its limit (429 beyond ``max_queue``) and cancellation:
+
+* ``continuous`` (:class:`IterationBatcher`, the default), iteration-level as in vLLM, SGLang and TGI: at every
+  decode step the rows that finished have already left the running batch, and waiting requests join it (up to
+  ``max_batch`` live rows; a long prompt is prefilled in chunks beside the decoding rows), so a short answer
+  never waits behind a long one.
+* ``static`` (:class:`Batcher`): the worker takes the oldest request, waits at most ``batch_window_ms`` after its
+  arrival for more, and hands up to ``max_batch`` of them to the engine as heterogeneous
+  ``DLPPipeline.generate`` calls; requests join at batch boundaries. Kept for comparison (bench row P8).
+
+Either way every row has its own mixture, max tokens, sampling settings and stop strings, and only the worker
+thread touches the model: the asyncio side queues requests and streams the deltas the worker hands it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ class Job:
         self.t_submit = time.monotonic()
         self.streamed = 0                   # characters already sent to a streaming client
         self.attempt_chars = 0              # characters the current engine attempt has produced
+        self.row = None                     # continuous scheduler: the job's DecodeRow while it decodes
+        self.routed: dict | None = None     # a routing record the engine made before decoding (conversations)
 
     def emit(self, kind: str, payload: Any) -> None:
         """Thread-safe: hand an event ("delta", "done", "error") to the request's event loop."""
@@ -53,7 +63,7 @@ class EngineStats:
     """What the worker saw; ``/health`` shows it and tests assert on it."""
 
     batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # rows per call
-    batches: int = 0                        # engine calls
+    batches: int = 0                        # engine calls (continuous: joins of new rows into the running batch)
     rows: int = 0                           # rows generated (requests)
     completion_tokens: int = 0              # tokens generated in total
     cancelled: int = 0                      # rows stopped because their client went away
@@ -61,14 +71,17 @@ class EngineStats:
     submitted: int = 0                      # requests accepted into the queue
     rejected: int = 0                       # requests answered 429 (queue full)
     errors: int = 0                         # engine calls that raised
+    steps: int = 0                          # continuous: decode steps run
+    step_rows: int = 0                      # continuous: live rows summed over steps (/ steps = mean batch)
     isolated: int = 0                       # batches split up after a failure to find the failing row
     failed_rows: int = 0                    # rows answered 500 after failing alone
-    running: int = 0                        # rows in the engine call now
+    running: int = 0                        # rows in the engine call now (continuous: live rows)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
         d["max_batch_seen"] = max(self.batch_sizes, default=0)
+        d["mean_step_rows"] = round(self.step_rows / self.steps, 3) if self.steps else 0.0
         return d
 
 
@@ -127,6 +140,8 @@ class Batcher:
         """The client went away: drop the job if still queued, else make the engine stop its row."""
         with self._cv:
             job.cancelled = True
+            if job.row is not None:     # decoding: the row leaves at its next step
+                job.row.cancel()
             try:
                 self._pending.remove(job)
                 self.stats.dropped += 1
@@ -158,16 +173,63 @@ class Batcher:
             if batch is None:
                 return
             batch = [j for j in batch if not j.cancelled]
-            if not batch:
-                continue
-            try:
-                self.run_batch(batch)
-            except BaseException as e:  # never let the worker die; every waiting request gets an answer
-                self.stats.errors += 1
-                err = e if isinstance(e, APIError) else APIError(
-                    500, f"generation failed: {e.__class__.__name__}", type="server_error", code="generation_failed")
-                for job in batch:
-                    job.emit("error", err)
+            if batch:
+                self._guarded(self.run_batch, batch)
+
+    def _guarded(self, work: Callable[[list[Job]], Any], jobs: list[Job]) -> None:
+        """Run ``work(jobs)``; never let the worker die: when it raises, every job in ``jobs`` gets an answer."""
+        try:
+            work(jobs)
+        except BaseException as e:
+            self.stats.errors += 1
+            err = e if isinstance(e, APIError) else APIError(
+                500, f"generation failed: {e.__class__.__name__}", type="server_error", code="generation_failed")
+            for job in jobs:
+                job.emit("error", err)
+
+
+class IterationBatcher(Batcher):
+    """The continuous scheduler: the same queue, and a worker that, between two decode steps of the running
+    batch, joins as many waiting requests as there are free rows (``run_batch`` joins them; ``step`` decodes one
+    token for every live row and answers the finished ones; ``live`` counts the rows the engine holds;
+    ``abort`` answers every one of them when the server stops)."""
+
+    def __init__(self, join: Callable[[list[Job]], None], step: Callable[[], None], live: Callable[[], int],
+                 abort: Callable[[APIError], None], max_batch: int, max_queue: int, window_ms: float,
+                 stats: EngineStats, retry_after_s: int = 1) -> None:
+        super().__init__(join, max_batch, max_queue, window_ms, stats, retry_after_s)
+        self.step, self.live, self.abort = step, live, abort
+
+    def _take(self) -> list[Job] | None:
+        """Requests to join now: when the engine is idle, wait for one (and up to the window for company), else
+        take what is waiting at once, up to the free rows."""
+        with self._cv:
+            if not self.live():
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                if self._pending and not self._stop:
+                    deadline = self._pending[0].t_submit + self.window
+                    while len(self._pending) < self.max_batch and not self._stop:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+            if self._stop:
+                return None
+            free = self.max_batch - self.live()
+            return [self._pending.popleft() for _ in range(max(0, min(free, len(self._pending))))]
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                self._guarded(lambda _: self.abort(_shutting_down()), [])
+                return
+            jobs = [j for j in jobs if not j.cancelled]
+            if jobs:
+                self._guarded(self.run_batch, jobs)
+            if self.live():
+                self._guarded(lambda _: self.step(), [])
 
 
 # which requests can share one engine call ---------------------------------------------------------------------------
