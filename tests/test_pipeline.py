@@ -563,3 +563,16 @@ def test_default_model_greedy_single_adapter_equals_peft(tmp_path):
     both = pipe.generate(prompts, weights=mix, max_new_tokens=12)
     assert [pipe.generate([p], weights=[m], max_new_tokens=12)[0].text for p, m in zip(prompts, mix)] == \
         [r.text for r in both]
+
+
+def test_prompt_plus_budget_beyond_the_context_is_refused_in_one_line(tiny_run):
+    from dlp_lora.config import DLPError
+    from dlp_lora.models import context_length
+    from dlp_lora.pipeline import DLPPipeline
+    from dlp_lora.selection import SelectionConfig
+
+    pipe = DLPPipeline.from_run(tiny_run, device="cpu", dtype="fp32")
+    ctx = context_length(pipe.model)
+    with pytest.raises(DLPError, match=rf"exceed the model's context of {ctx} tokens"):
+        pipe.generate(["What is 2 plus 3?"], SelectionConfig(granularity="prompt"), max_new_tokens=ctx)
+    assert pipe.generate(["What is 2 plus 3?"], SelectionConfig(granularity="prompt"), max_new_tokens=2)[0].completion_tokens >= 1

@@ -35,6 +35,7 @@ import torch
 
 from ..config import DLPError
 from ..data import format_prompt
+from ..models import context_length
 from ..selection import SelectionConfig
 from .granularity import prefill_weights
 
@@ -279,9 +280,19 @@ class DecodeBatch:
                   return_offsets_mapping=per_token and getattr(tok, "is_fast", False))
         rows = [DecodeRow(r, m, routing, int(enc["attention_mask"][b].sum()), dev)
                 for b, (r, (m, routing)) in enumerate(zip(requests, planned))]
+        self._check_context(rows)
         pre = prefill_weights([row.mixture for row in rows], [r.prompt for r in requests], texts, enc)
         mask = enc["attention_mask"].to(dev)
         return _Prefill(rows, enc["input_ids"].to(dev), mask, (mask.cumsum(-1) - 1).clamp(min=0), pre)
+
+    def _check_context(self, rows: list[DecodeRow]) -> None:
+        """Refuse a prompt whose tokens plus its token budget do not fit the model's positions: past them a model
+        silently produces garbage (or fails inside attention), so the caller hears it in one line instead."""
+        ctx = context_length(self.pipe.model)
+        for b, row in enumerate(rows):
+            if ctx is not None and row.prompt_tokens + row.request.max_new_tokens > ctx:
+                raise DLPError(f"prompt {b}: {row.prompt_tokens} tokens + max_new_tokens "
+                               f"{row.request.max_new_tokens} exceed the model's context of {ctx} tokens")
 
     def _prefill(self, p: "_Prefill", upto: int) -> torch.Tensor:
         """Forward the new rows' prompt columns ``p.done:upto`` into their own cache with their prefill weights;
