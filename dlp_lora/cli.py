@@ -525,8 +525,8 @@ def _p_bench(sub) -> None:
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, serve
 
-    names = ("host", "port", "api_key", "max_batch", "batch_window_ms", "max_queue", "max_tokens_cap",
-             "max_prompt_tokens", "max_body_bytes", "max_lora_rank", "max_loaded_adapters", "adapter_roots",
+    names = ("host", "port", "api_key", "scheduler", "prefill_chunk", "max_batch", "batch_window_ms", "max_queue",
+             "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "max_lora_rank", "max_loaded_adapters", "adapter_roots",
              "upstream", "upstream_model", "upstream_api_key", "upstream_timeout_s", "mixture_cache", "mixture_dir",
              "mixture_mode")
     fields = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
@@ -553,7 +553,13 @@ def _p_serve(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("DLP_LORA_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $DLP_LORA_API_KEY; none if unset)")
-    p.add_argument("--max-batch", type=int, default=None, help="requests per engine call at most (default 16)")
+    p.add_argument("--scheduler", default=None, metavar="{continuous,static}",
+                   help="continuous: requests join and leave the running batch at every decode step (default); "
+                        "static: batch at a time, requests join at batch boundaries")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="continuous: a joining prompt is prefilled this many tokens per decode step (default 128)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoding at once at most (static: per engine call) (default 16)")
     p.add_argument("--batch-window-ms", type=float, default=None,
                    help="wait at most this long for requests to join a batch (default 10)")
     p.add_argument("--max-queue", type=int, default=None, help="queued requests at most; beyond: 429 (default 64)")
