@@ -526,9 +526,9 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, serve
 
     names = ("host", "port", "api_key", "scheduler", "prefill_chunk", "max_batch", "batch_window_ms", "max_queue",
-             "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "max_lora_rank", "max_loaded_adapters", "adapter_roots",
-             "upstream", "upstream_model", "upstream_api_key", "upstream_timeout_s", "mixture_cache", "mixture_dir",
-             "mixture_mode")
+             "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "max_lora_rank", "max_loaded_adapters",
+             "adapter_roots", "upstream", "upstream_model", "upstream_api_key", "upstream_timeout_s", "mixture_cache",
+             "mixture_dir", "mixture_mode")
     fields = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = ServeConfig(selection=selection_from_args(args), **fields)
     config.default_max_tokens = min(config.default_max_tokens, config.max_tokens_cap)
