@@ -508,7 +508,10 @@ def _check_run_output(run: Path, data_dir: Path, outs: list[Path], overwrite: bo
     """Refuse, before training, a run folder that would lose data: the root or an input folder, one whose
     ``adapters.txt`` lists other adapters (its router would no longer match), or finished adapters without
     ``--overwrite``/``--resume``."""
-    check_output(run, overwrite=True, inputs=[data_dir])
+    # the run folder itself is never replaced (its data/ may even sit inside it); what is written is each
+    # adapter folder and adapters.txt, so those are what must not be an input
+    check_output_path(run)                               # the root, a name too long, a path below a file
+    check_output(run / ADAPTER_LIST, overwrite=True, inputs=[data_dir])
     for o in outs:
         check_output(o, overwrite=True, inputs=[data_dir])
     listing = run / ADAPTER_LIST
