@@ -511,6 +511,8 @@ def _check_run_output(run: Path, data_dir: Path, outs: list[Path], overwrite: bo
     # the run folder itself is never replaced (its data/ may even sit inside it); what is written is each
     # adapter folder and adapters.txt, so those are what must not be an input
     check_output_path(run)                               # the root, a name too long, a path below a file
+    if run.resolve() == Path(data_dir).resolve():
+        raise DLPError(f"{run}: would overwrite an input of this command ({data_dir}); write the output elsewhere")
     check_output(run / ADAPTER_LIST, overwrite=True, inputs=[data_dir])
     for o in outs:
         check_output(o, overwrite=True, inputs=[data_dir])
