@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from .config import DLPError, atomic_dir, atomic_write_json, atomic_write_text, check, save_config
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 
 TITLES = {
     "P1": "Decode time, N adapters loaded, top-p picks <= 3 per row (batch 1 and 8)",
@@ -56,6 +56,7 @@ TITLES = {
     "P5": "Merge mode, batch 1, long output",
     "P6": "Peak memory with N adapters loaded",
     "P7": "Mixed batch vs the original code's method (batch 1 per row, Python loop over the LoRAs)",
+    "P8": "Serving on loopback: continuous (per decode step) vs static (per batch) scheduler",
 }
 
 # Targets from issue 7. "op" reads: figure <op> value.
@@ -67,6 +68,7 @@ TARGETS = {
     "P5": {"figure": "ours_merge / base, total (merge + prefill + decode + unmerge)", "op": "<=", "value": 1.02},
     "P6": {"figure": "peak(ours) / (peak(base) + adapter bytes)", "op": "<=", "value": 1.10},
     "P7": {"figure": "original / ours, decode (speed-up)", "op": ">=", "value": 3.0},
+    "P8": {"figure": "continuous / static: output tokens/s >= 1.5 and p99 TTFT <= 0.5", "op": "both", "value": None},
 }
 
 # Real configurations (random weights). On CPU they run with fewer layers (``cpu_layers``) so they fit in memory
@@ -116,6 +118,8 @@ class BenchConfig:
     new_tokens: int = 0                     # generated tokens per row (0 = 8 quick / 32 full)
     merge_new_tokens: int = 0               # P5 generated tokens (0 = the issue's 128, quick or not)
     router_sentences: int = 0               # P4 throughput batch (0 = 1024 quick / 8192 full)
+    serve_clients: int = 32                 # P8 concurrent streaming clients on loopback
+    serve_seconds: float = 0                # P8 seconds of load per scheduler (0 = 16 quick / 60 full)
     seed: int = 0                           # seed for adapters, prompts and mixtures
     profile: bool = True                    # torch.profiler summary for missed decode targets (full runs)
 
@@ -140,6 +144,10 @@ class BenchConfig:
             check(isinstance(v, int) and v >= 0, f"{name} must be >= 0, got {v!r}")
         check(self.new_tokens == 0 or self.new_tokens >= 2, "new_tokens must be >= 2 (one prefill token + decode steps)")
         check(self.merge_new_tokens == 0 or self.merge_new_tokens >= 2, "merge_new_tokens must be >= 2")
+        check(isinstance(self.serve_clients, int) and self.serve_clients >= 1,
+              f"serve_clients must be >= 1, got {self.serve_clients!r}")
+        check(isinstance(self.serve_seconds, (int, float)) and 0 <= self.serve_seconds <= 3600,
+              f"serve_seconds must be in [0, 3600], got {self.serve_seconds!r}")
 
     def rows(self) -> list[str]:
         """Rows to run, in order."""
@@ -167,6 +175,7 @@ class BenchConfig:
             "new_tokens": self.new_tokens or (8 if q else 32),
             "merge_new_tokens": self.merge_new_tokens or 128,
             "router_sentences": self.router_sentences or (1024 if q else 8192),
+            "serve_seconds": self.serve_seconds or (16 if q else 60),
             "batches_p1": [1, 8],
             "batch_mixed": 16,
         }
@@ -859,13 +868,15 @@ def _router_sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rnd.choice(words) for _ in range(rnd.randint(8, 30))).capitalize() + "." for _ in range(n)]
 
 
-def _make_router(ctx: _Ctx, n_labels: int) -> Path:
+def _make_router(ctx: _Ctx, n_labels: int, out: Path | None = None) -> Path:
     """A mini-MLP router trained for one epoch on synthetic sentences (speed does not depend on what it
-    learned), with the base model's tokenizer (the default model's tokenizer for presets)."""
+    learned), with the base model's tokenizer (the default model's tokenizer for presets), labels
+    ``task000``, ``task001``, ... Written to ``out`` (default ``TMP/router``)."""
     from .config import RouterConfig
     from .router import train_router
 
-    data = ctx.tmp / "router_data"
+    out = out or ctx.tmp / "router"
+    data = out.parent / f"{out.name}_data"
     data.mkdir(parents=True, exist_ok=True)
     labels = [f"task{i:03d}" for i in range(n_labels)]
     sents = _router_sentences(n_labels * 8, ctx.cfg.seed)
@@ -875,8 +886,8 @@ def _make_router(ctx: _Ctx, n_labels: int) -> Path:
                 f.write(json.dumps({"text": s, "label": i % n_labels, "task": labels[i % n_labels]}) + "\n")
     (data / "labels.json").write_text(json.dumps(labels))
     spec = ctx.cfg.model if ctx.model_info["preset"] is None else "default"
-    return Path(train_router(data, spec, ctx.tmp / "router", RouterConfig(epochs=1, patience=1),
-                             overwrite=True, progress=False))
+    return Path(train_router(data, spec, out, RouterConfig(epochs=1, patience=1), overwrite=True,
+                             progress=False))
 
 
 def row_p4(ctx: _Ctx) -> dict:
@@ -978,6 +989,252 @@ def row_p7(ctx: _Ctx) -> dict:
     return {"cases": [case], "notes": notes}
 
 
+# ---- P8: the server's two schedulers under the same streaming load, on loopback -------------------------------
+
+P8_TASKS = 6                                # adapters (and router labels) of the served run
+P8_PHASES = ("static", "continuous", "continuous", "static")   # half the seconds each: drift hits both alike
+P8_MAX_TOKENS = ((8, 4), (16, 3), (48, 2), (128, 1))           # (max_tokens, weight): short and long answers
+P8_QUESTIONS = ("What is {a} plus {b}? Give the number.", "Name the capital of {c}.",
+                "Sort these words alphabetically: {w}.", "Translate into French: {s}",
+                "Summarise in one sentence: {s} {s}", "Is {a} a prime number? Explain step by step.",
+                "Write a short story about {c} in three sentences.",
+                "Classify the sentiment of this review as positive or negative: {s}")
+P8_FILL = {"c": ("Peru", "Kenya", "Norway", "Japan", "Chile"),
+           "w": ("pear fig apple", "zebra cat dog emu", "plum kiwi"),
+           "s": ("The weather was lovely and we walked along the river for hours.",
+                 "The service was slow, the food was cold and nobody apologised.",
+                 "A new library opened downtown with a large children's section.")}
+
+
+def p8_request(i: int, tasks: list[str], seed: int) -> dict:
+    """The ``i``-th request of P8's fixed mixed workload (a streamed chat completion): its question, mixture
+    (routed, one task forced, or a manual mix of two) and ``max_tokens`` drawn from a seeded distribution."""
+    import random
+
+    rnd = random.Random(seed * 1_000_003 + i)
+    q = rnd.choice(P8_QUESTIONS).format(a=rnd.randint(2, 999), b=rnd.randint(2, 999),
+                                        **{k: rnd.choice(v) for k, v in P8_FILL.items()})
+    body = {"model": "dlp", "messages": [{"role": "user", "content": q}], "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": rnd.choices([m for m, _ in P8_MAX_TOKENS], [w for _, w in P8_MAX_TOKENS])[0]}
+    kind = rnd.random()
+    if kind < 0.3:
+        body["model"] = f"dlp:{rnd.choice(tasks)}"
+    elif kind < 0.5:
+        a, b = rnd.sample(tasks, 2)
+        body["dlp"] = {"weights": {a: 0.6, b: 0.4}}
+    return body
+
+
+async def _p8_one(client, url: str, body: dict) -> dict | None:
+    """One streamed request: its time to first token, latency and output tokens; None when it failed."""
+    t0 = time.perf_counter()
+    first, tokens, done = None, None, False
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return None
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+                break
+            if not line.startswith("data: {"):
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                return None
+            ch = obj.get("choices") or [{}]
+            if first is None and (ch[0].get("delta") or {}).get("content"):
+                first = time.perf_counter()
+            if obj.get("usage"):
+                tokens = int(obj["usage"]["completion_tokens"])
+    end = time.perf_counter()
+    if not done or tokens is None:
+        return None
+    return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens}
+
+
+async def p8_load(url: str, clients: int, seconds: float, requests, timeout: float = 600.0) -> dict:
+    """``clients`` closed-loop clients send ``next(requests)`` bodies for ``seconds``, then wait for what is in
+    flight. Returns the samples, failures and the elapsed time (until the last answer)."""
+    import asyncio
+
+    import httpx
+
+    samples, failed = [], 0
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+
+    async def client_loop(client):
+        nonlocal failed
+        while time.perf_counter() < t_end:
+            try:
+                res = await _p8_one(client, url, next(requests))
+            except (httpx.HTTPError, OSError, ValueError, KeyError):
+                res = None
+            if res is None:
+                failed += 1
+            else:
+                samples.append(res)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return {"samples": samples, "failed": failed, "elapsed": time.perf_counter() - t0}
+
+
+async def _p8_warm(url: str, bodies: list[dict]) -> None:
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(_p8_one(client, url, b) for b in bodies))
+
+
+def p8_figures(phases: list[dict]) -> dict:
+    """Output tokens/s over the phases' elapsed time, TTFT and request latency percentiles (seconds)."""
+    samples = [s for p in phases for s in p["samples"]]
+    elapsed = sum(p["elapsed"] for p in phases)
+
+    def pct(key, q):
+        v = sorted(s[key] for s in samples)
+        return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))] if v else float("nan")
+
+    return {"tokens_per_s": sum(s["tokens"] for s in samples) / elapsed if elapsed else 0.0,
+            "ttft_p50": pct("ttft", 50), "ttft_p99": pct("ttft", 99),
+            "latency_p50": pct("latency", 50), "latency_p99": pct("latency", 99),
+            "requests": len(samples), "failed": sum(p["failed"] for p in phases),
+            "output_tokens": sum(s["tokens"] for s in samples), "seconds": elapsed}
+
+
+def start_server(run: Path, scheduler: str, model: str, device: str, threads: int, max_batch: int,
+                 max_queue: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """``dlp-lora serve`` on a free loopback port in a child process (its own torch threads); waits for
+    ``/health``."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(run), "--port", str(port), "--model", model,
+           "--device", device, "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue",
+           str(max_queue), "--max-tokens-cap", "512"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            tail = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise DLPError(f"bench P8: the {scheduler} server exited ({tail[:300]})")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        if time.monotonic() - t0 > 600:
+            proc.kill()
+            raise DLPError(f"bench P8: the {scheduler} server did not start within 600 s (see {log})")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import signal
+
+    proc.send_signal(signal.SIGINT)         # uvicorn's graceful stop
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def compare_schedulers(run: Path, model: str, device: str, threads: int, clients: int, seconds: float,
+                       seed: int, log_dir: Path, max_batch: int = 32, on_phase: Callable[[], Any] | None = None
+                       ) -> dict:
+    """Both schedulers serving ``run`` at once (two servers, each idle while the other is loaded), loaded in
+    turns (:data:`P8_PHASES`, ``seconds / 2`` each) by the same request sequence. Returns per-system figures,
+    each server's engine counters from ``/health``, and the load average before and after."""
+    import asyncio
+    import itertools
+
+    import httpx
+
+    servers = {s: start_server(run, s, model, device, threads, max_batch, 2 * clients, log_dir / f"serve_{s}.log")
+               for s in ("static", "continuous")}
+    load0 = os.getloadavg()[0]
+    try:
+        tasks = [f"task{i:03d}" for i in range(P8_TASKS)]
+        for _, url in servers.values():     # warm-up: a few requests each, outside the timing
+            asyncio.run(_p8_warm(url, [p8_request(-1 - i, tasks, seed) for i in range(4)]))
+        phases: dict[str, list] = {"static": [], "continuous": []}
+        for k, name in enumerate(P8_PHASES):
+            reqs = (p8_request(i, tasks, seed) for i in itertools.count(0 if k < 2 else 1_000_000))
+            phases[name].append(asyncio.run(p8_load(servers[name][1], clients, seconds / 2, reqs)))
+            if on_phase:
+                on_phase()
+        health = {s: httpx.get(url + "/health", timeout=10).json()["engine"] for s, (_, url) in servers.items()}
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    return {"systems": {s: p8_figures(p) for s, p in phases.items()}, "health": health,
+            "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _p8_run(ctx: _Ctx) -> Path:
+    """A run folder for P8: ``P8_TASKS`` random adapters on the bench model (tasks task000...) and a mini-MLP
+    router with those labels (as P4 builds one)."""
+    from .fusion import make_random_adapter
+    from .run import write_adapter_list
+
+    run = ctx.tmp / "p8_run"
+    targets = tuple(t.strip() for t in ctx.cfg.target_modules.split(",") if t.strip())
+    dirs = [make_random_adapter(ctx.model, run / "adapters" / f"task{i:03d}", rank=ctx.cfg.rank,
+                                alpha=ctx.cfg.alpha, target_modules=targets, seed=ctx.cfg.seed * 1000 + 800 + i,
+                                task=f"task{i:03d}") for i in range(P8_TASKS)]
+    write_adapter_list(run / "adapters.txt", dirs)
+    _make_router(ctx, P8_TASKS, run / "router")
+    return run
+
+
+def row_p8(ctx: _Ctx) -> dict:
+    import torch
+
+    cfg, sh = ctx.cfg, ctx.shapes
+    if ctx.model_info["preset"] is not None:
+        raise DLPError("bench P8: serves a real model (tiny, default or a model folder), not a preset")
+    threads = torch.get_num_threads()
+    res = compare_schedulers(_p8_run(ctx), cfg.model, ctx.device, threads, cfg.serve_clients,
+                             sh["serve_seconds"], cfg.seed, ctx.tmp, on_phase=ctx.tick)
+    systems = res["systems"]
+    st, co = systems["static"], systems["continuous"]
+    ratios = {"tokens_per_s": co["tokens_per_s"] / st["tokens_per_s"] if st["tokens_per_s"] else float("nan"),
+              "ttft_p50": co["ttft_p50"] / st["ttft_p50"], "ttft_p99": co["ttft_p99"] / st["ttft_p99"],
+              "latency_p50": co["latency_p50"] / st["latency_p50"],
+              "latency_p99": co["latency_p99"] / st["latency_p99"]}
+    shapes = {"clients": cfg.serve_clients, "seconds_per_scheduler": sh["serve_seconds"], "max_batch": 32,
+              "adapters": P8_TASKS, "max_tokens": "/".join(str(m) for m, _ in P8_MAX_TOKENS),
+              "server_threads": threads}
+    mean_rows = {s: h.get("mean_step_rows") or (sum(int(k) * v for k, v in h["batch_sizes"].items())
+                                                / max(1, h["batches"])) for s, h in res["health"].items()}
+    notes = [f"two `dlp-lora serve` processes (--scheduler static | continuous, --max-batch 32) on loopback, "
+             f"loaded in turns {' → '.join(P8_PHASES)} ({sh['serve_seconds'] / 2:g} s each) by "
+             f"{cfg.serve_clients} closed-loop streaming clients; the same seeded request sequence for both",
+             "workload: chat questions of 8 kinds; 50% routed (`dlp`), 30% one task forced, 20% a manual mix "
+             "of two; max_tokens " + ", ".join(f"{m} (weight {w})" for m, w in P8_MAX_TOKENS)
+             + "; random adapters, so an answer may end early at EOS (identically under both schedulers)",
+             f"load average (1 min) before / after P8: {res['load_avg'][0]} / {res['load_avg'][1]}",
+             "mean rows per engine call (static) / per decode step (continuous): "
+             f"{mean_rows['static']:.1f} / {mean_rows['continuous']:.1f}",
+             "TTFT: from sending the request to the first streamed text; latency: to `data: [DONE]`; tokens/s: "
+             "output tokens of the answered requests over the phases' time (in-flight requests drained)"]
+    case = {"name": f"{cfg.serve_clients} clients", "shapes": shapes, "systems": systems, "ratios": ratios,
+            "figures": {"health": res["health"]}}
+    met = bool(ratios["tokens_per_s"] >= 1.5 and ratios["ttft_p99"] <= 0.5 and not st["failed"] and not co["failed"])
+    return {"cases": [case], "notes": notes, "met": met, "systems": systems,
+            "figure": {"tokens_per_s_ratio": ratios["tokens_per_s"], "ttft_p99_ratio": ratios["ttft_p99"]}}
+
+
 # ---- P6: memory, measured in a fresh child process so nothing else inflates the peak ---------------------------
 
 def _rss_peak_bytes() -> int:
@@ -1048,20 +1305,21 @@ def row_p6(ctx: _Ctx) -> dict:
             "figure": {"peak_ratio": peak_ratio, "tensor_ratio": tensor_ratio}}
 
 
-ROW_FUNCS = {"P1": row_p1, "P2": row_p2, "P3": row_p3, "P4": row_p4, "P5": row_p5, "P6": row_p6, "P7": row_p7}
+ROW_FUNCS = {"P1": row_p1, "P2": row_p2, "P3": row_p3, "P4": row_p4, "P5": row_p5, "P6": row_p6, "P7": row_p7,
+             "P8": row_p8}
 
 
 def _planned_calls(cfg: BenchConfig) -> int:
     sh = cfg.resolved()
     per, per_d = sh["reps"] + cfg.warmup, sh["reps_decode"] + cfg.warmup
     n = {"P1": 2 * 3 * per_d, "P2": len(P2_SYSTEMS) * per_d, "P3": (len(cfg.scaling_list()) + 1) * per_d,
-         "P4": 3 * per, "P5": 2 * per_d, "P6": 1, "P7": len(P7_SYSTEMS) * per}
+         "P4": 3 * per, "P5": 2 * per_d, "P6": 1, "P7": len(P7_SYSTEMS) * per, "P8": len(P8_PHASES)}
     return sum(n[r] for r in cfg.rows())
 
 
 def _judge(row: str, res: dict) -> None:
     """Fill ``res["met"]`` and ``res["figure"]`` for ratio rows from their target ratio."""
-    if row in ("P4", "P6"):
+    if row in ("P4", "P6", "P8"):
         return
     t = TARGETS[row]
     mets, figs = [], {}
@@ -1192,6 +1450,12 @@ def _md_summary_row(row: str, r: dict) -> str:
         f = r["figure"]
         fig = f"latency {_fmt(f['latency_ms'], 1, 3)} ms; throughput {_fmt(f['sentences_per_s'], 1, 0)} sent/s"
         tgt = "< 0.5 ms; ≥ 20000 sent/s"
+    elif row == "P8":
+        st, co, f = r["systems"]["static"], r["systems"]["continuous"], r["figure"]
+        fig = (f"output tokens/s {co['tokens_per_s']:.1f} vs {st['tokens_per_s']:.1f} "
+               f"({f['tokens_per_s_ratio']:.2f}×); "
+               f"p99 TTFT {co['ttft_p99']:.2f} s vs {st['ttft_p99']:.2f} s ({f['ttft_p99_ratio']:.2f}×)")
+        tgt = "continuous / static: ≥ 1.50× tokens/s; ≤ 0.50× p99 TTFT"
     elif row == "P6":
         c = r["cases"][0]["figures"]
         fig = (f"peak {r['figure']['peak_ratio']:.3f}× ({_mib(c['ours_peak_bytes'])} vs {_mib(c['base_peak_bytes'])}"
@@ -1208,7 +1472,15 @@ def _md_case(row: str, case: dict) -> list[str]:
     """The detail tables of one case of a row: per-system parts (P4), memory (P6) or times and ratios."""
     sh = ", ".join(f"{k} {v}" for k, v in case["shapes"].items())
     L = [f"**{case['name']}** — {sh}", ""]
-    if row == "P4":
+    if row == "P8":
+        L += ["| scheduler | output tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | answered "
+              "| failed |", "|---|---|---|---|---|---|---|---|"]
+        keys = ("tokens_per_s", "ttft_p50", "ttft_p99", "latency_p50", "latency_p99")
+        for name, v in case["systems"].items():
+            L.append(f"| {name} | " + " | ".join(f"{v[k]:.{1 if k == 'tokens_per_s' else 3}f}" for k in keys)
+                     + f" | {v['requests']} | {v['failed']} |")
+        L.append("| continuous / static | " + " | ".join(f"{case['ratios'][k]:.2f}×" for k in keys) + " | | |")
+    elif row == "P4":
         L += ["| system | figure |", "|---|---|"]
         for name, parts in case["systems"].items():
             L += [f"| {name} | {part}: {_fmt(v, 1, 3 if part.endswith('ms') else 0)} |"
@@ -1326,7 +1598,7 @@ def run_bench(model: str = "tiny", quick: bool = False, only: str | list | None 
             res = ROW_FUNCS[row](ctx)
             _judge(row, res)
             results["rows"][row] = res
-            if not res.get("met") and cfg.profile and not cfg.quick and row not in ("P4", "P6"):
+            if not res.get("met") and cfg.profile and not cfg.quick and row not in ("P4", "P6", "P8"):
                 bar.set_description(f"profile {row}")
                 results["profiles"][row] = _profile_missed(ctx, row)
         bar.close()
@@ -1383,7 +1655,10 @@ def summary_lines(results: dict) -> list[str]:
     lines = []
     for row in results["rows_run"]:
         r = results["rows"][row]
-        if row == "P4":
+        if row == "P8":
+            f = r["figure"]
+            fig = f"continuous/static tokens/s {f['tokens_per_s_ratio']:.2f}x, p99 TTFT {f['ttft_p99_ratio']:.2f}x"
+        elif row == "P4":
             f = r["figure"]
             fig = f"latency {f['latency_ms']['median']:.3f} ms, {f['sentences_per_s']['median']:.0f} sentences/s"
         elif row == "P6":
