@@ -1020,7 +1020,7 @@ def p8_request(i: int, tasks: list[str], seed: int) -> dict:
     kind = rnd.random()
     if kind < 0.3:
         body["model"] = f"dlp:{rnd.choice(tasks)}"
-    elif kind < 0.5:
+    elif kind < 0.5 and len(tasks) > 1:
         a, b = rnd.sample(tasks, 2)
         body["dlp"] = {"weights": {a: 0.6, b: 0.4}}
     return body
@@ -1108,7 +1108,7 @@ def p8_figures(phases: list[dict]) -> dict:
             "output_tokens": sum(s["tokens"] for s in samples), "seconds": elapsed}
 
 
-def start_server(run: Path, scheduler: str, model: str, device: str, threads: int, max_batch: int,
+def start_server(run: Path, scheduler: str, model: str | None, device: str, threads: int, max_batch: int,
                  max_queue: int, log: Path) -> tuple[subprocess.Popen, str]:
     """``dlp-lora serve`` on a free loopback port in a child process (its own torch threads); waits for
     ``/health``."""
@@ -1119,9 +1119,9 @@ def start_server(run: Path, scheduler: str, model: str, device: str, threads: in
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(run), "--port", str(port), "--model", model,
-           "--device", device, "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue",
-           str(max_queue), "--max-tokens-cap", "512"]
+    cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(run), "--port", str(port), "--device", device,
+           "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+           "--max-tokens-cap", "512"] + (["--model", model] if model else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -1149,12 +1149,13 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def compare_schedulers(run: Path, model: str, device: str, threads: int, clients: int, seconds: float,
+def compare_schedulers(run: Path, model: str | None, device: str, threads: int, clients: int, seconds: float,
                        seed: int, log_dir: Path, max_batch: int = 32, on_phase: Callable[[], Any] | None = None
                        ) -> dict:
     """Both schedulers serving ``run`` at once (two servers, each idle while the other is loaded), loaded in
-    turns (:data:`P8_PHASES`, ``seconds / 2`` each) by the same request sequence. Returns per-system figures,
-    each server's engine counters from ``/health``, and the load average before and after."""
+    turns (:data:`P8_PHASES`, ``seconds / 2`` each) by the same request sequence over the run's tasks.
+    ``model``: None = the run's own base model. Returns per-system figures, each server's engine counters from
+    ``/health``, and the load average before and after."""
     import asyncio
     import itertools
 
@@ -1164,7 +1165,8 @@ def compare_schedulers(run: Path, model: str, device: str, threads: int, clients
                for s in ("static", "continuous")}
     load0 = os.getloadavg()[0]
     try:
-        tasks = [f"task{i:03d}" for i in range(P8_TASKS)]
+        listed = httpx.get(servers["static"][1] + "/v1/models", timeout=10).json()["data"]
+        tasks = [m["id"][4:] for m in listed if m["id"].startswith("dlp:")]
         for _, url in servers.values():     # warm-up: a few requests each, outside the timing
             asyncio.run(_p8_warm(url, [p8_request(-1 - i, tasks, seed) for i in range(4)]))
         phases: dict[str, list] = {"static": [], "continuous": []}

@@ -11,6 +11,10 @@ answered within the grace period), plus the batch sizes the server's engine saw 
     # server loads the run's own base model unless --model overrides it)
     python scripts/load_test.py --run /tmp/tiny_run --make-run --clients 32 --seconds 60
 
+    # both schedulers side by side (bench row P8's protocol: two servers loaded in turns by the same seeded
+    # streaming workload; output tokens/s, TTFT and latency p50/p99, ratios continuous/static)
+    python scripts/load_test.py --run /tmp/tiny_run --make-run --compare-schedulers --clients 32 --seconds 60
+
 Each client loops: pick a request from a mixed workload (routed chat, routed completion, forced adapter, base
 model, manual mixture; every fourth one streamed), send it, check the answer (OpenAI shape, usage, routing,
 ``data: [DONE]`` for streams), record its latency. Nothing leaves 127.0.0.1.
@@ -202,7 +206,7 @@ async def run_load(url: str, clients: int, seconds: float, max_tokens: int, grac
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "dlp_lora", "serve", "--run", str(args.run), "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--scheduler", args.scheduler]
     if args.model:
         cmd += ["--model", args.model]
     if args.device:
@@ -237,6 +241,11 @@ def main(argv=None) -> int:
                    help="build a small demo run at --run if it does not exist (on --model, default tiny)")
     p.add_argument("--device", default="cpu", help="device of the started server (default cpu)")
     p.add_argument("--max-batch", type=int, default=32, help="started server: --max-batch (default 32)")
+    p.add_argument("--scheduler", default="continuous", choices=("continuous", "static"),
+                   help="started server: --scheduler (default continuous)")
+    p.add_argument("--compare-schedulers", action="store_true",
+                   help="serve --run with both schedulers and load them in turns (--seconds each; bench row P8)")
+    p.add_argument("--threads", type=int, default=1, help="--compare-schedulers: the servers' torch threads")
     p.add_argument("--max-queue", type=int, default=64, help="started server: --max-queue (default 64)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     p.add_argument("--seconds", type=float, default=60, help="test duration (default 60)")
@@ -257,6 +266,8 @@ def main(argv=None) -> int:
                 p.error(f"{run} does not exist (add --make-run to build a small demo run there)")
             print(f"building a demo run at {run} ...", flush=True)
             make_run(run, args.model or "tiny")
+        if args.compare_schedulers:
+            return compare(args, run)
         proc, url = start_server(args)
     try:
         print(f"load test: {args.clients} clients x {args.seconds:g} s against {url}", flush=True)
@@ -277,6 +288,26 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     return 0 if res["errors"] == 0 and res["lost"] == 0 else 1
+
+
+def compare(args, run: Path) -> int:
+    """Both schedulers on the same run and workload (bench row P8's protocol); prints figures and ratios."""
+    import tempfile
+
+    from dlp_lora.bench import compare_schedulers
+
+    with tempfile.TemporaryDirectory(prefix="dlp-load-") as tmp:
+        res = compare_schedulers(run, args.model, args.device, args.threads, args.clients, args.seconds, seed=0,
+                                 log_dir=Path(tmp), max_batch=args.max_batch)
+    st, co = res["systems"]["static"], res["systems"]["continuous"]
+    res["ratios_continuous_over_static"] = {k: round(co[k] / st[k], 3) if st[k] else None
+                                            for k in ("tokens_per_s", "ttft_p50", "ttft_p99", "latency_p50",
+                                                      "latency_p99")}
+    print(json.dumps(res, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0 if not st["failed"] and not co["failed"] else 1
 
 
 if __name__ == "__main__":
