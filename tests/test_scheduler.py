@@ -361,3 +361,46 @@ def test_serve_config_refuses_an_unknown_scheduler():
         ServeConfig(scheduler="fifo")
     with pytest.raises(DLPError, match="prefill_chunk"):
         ServeConfig(prefill_chunk=0)
+
+
+# bench row P8's workload and figures (the row itself runs two servers: `dlp-lora bench --only P8`) -------------------
+
+def test_p8_workload_is_fixed_and_mixed():
+    from dlp_lora.bench import P8_MAX_TOKENS, p8_request
+
+    tasks = ["a", "b", "c"]
+    reqs = [p8_request(i, tasks, seed=0) for i in range(400)]
+    assert reqs == [p8_request(i, tasks, seed=0) for i in range(400)]          # the same sequence every run
+    assert reqs != [p8_request(i, tasks, seed=1) for i in range(400)]
+    assert all(r["stream"] and r["stream_options"] == {"include_usage": True} for r in reqs)
+    assert {r["max_tokens"] for r in reqs} == {m for m, _ in P8_MAX_TOKENS}  # short and long answers
+    routed = [r for r in reqs if r["model"] == "dlp" and "dlp" not in r]
+    forced = {r["model"] for r in reqs if r["model"].startswith("dlp:")}
+    mixed = [r["dlp"]["weights"] for r in reqs if "dlp" in r]
+    assert len(routed) > 100 and forced == {"dlp:a", "dlp:b", "dlp:c"} and len(mixed) > 40
+    assert all(len(w) == 2 and set(w) <= set(tasks) for w in mixed)
+    assert len({r["messages"][0]["content"] for r in reqs}) > 100                # eight kinds, varied
+
+
+def test_p8_figures_and_its_benchmarks_section():
+    from dlp_lora.bench import TITLES, _md_case, _md_summary_row, p8_figures
+
+    phases = [{"samples": [{"ttft": 0.1 * k, "latency": 1.0 * k, "tokens": 10} for k in range(1, 101)],
+               "failed": 1, "elapsed": 20.0},
+              {"samples": [{"ttft": 0.5, "latency": 2.0, "tokens": 30}], "failed": 0, "elapsed": 5.0}]
+    f = p8_figures(phases)
+    assert f["tokens_per_s"] == pytest.approx(1030 / 25.0)
+    assert f["requests"] == 101 and f["failed"] == 1 and f["output_tokens"] == 1030
+    assert f["ttft_p50"] == pytest.approx(5.0) and f["ttft_p99"] == pytest.approx(9.9)
+    assert f["latency_p99"] == pytest.approx(99.0)
+    st = {**f, "tokens_per_s": 10.0, "ttft_p99": 8.0}
+    co = {**f, "tokens_per_s": 16.0, "ttft_p99": 2.0}
+    keys = ("tokens_per_s", "ttft_p50", "ttft_p99", "latency_p50", "latency_p99")
+    case = {"name": "32 clients", "shapes": {"clients": 32}, "systems": {"static": st, "continuous": co},
+            "ratios": {k: co[k] / st[k] for k in keys}}
+    row = {"systems": case["systems"], "met": True, "figure": {"tokens_per_s_ratio": 1.6, "ttft_p99_ratio": 0.25}}
+    line = _md_summary_row("P8", row)
+    assert line.startswith(f"| P8 | {TITLES['P8']} |") and "1.60×" in line and "0.25×" in line
+    assert line.endswith("| yes |")
+    table = "\n".join(_md_case("P8", case))
+    assert "| continuous / static | 1.60× |" in table and "| 0.25× |" in table
