@@ -211,15 +211,31 @@ class Decoding:
 
     def join(self, jobs: list[Job]) -> None:
         """Plan ``jobs`` (engine, mixture, conversation routing) and join them to their pipeline's batch."""
-        eng = self.engine
-        with eng.lock:
-            for group in split_by_engine(jobs, eng.engine_of):
-                pipe, weights, routed_here, group = eng._plan(group)
-                for i, rec in routed_here.items():
-                    group[i].routed = rec
-                requests = [self._request(j, w) for j, w in zip(group, weights)]
-                if group:
-                    self._join(pipe, group, requests)
+        with self.engine.lock:
+            for group in split_by_engine(jobs, self.engine.engine_of):
+                self._plan_and_join(group)
+
+    def _plan_and_join(self, jobs: list[Job]) -> None:
+        """Plan then join ``jobs``; planning that raises (routing a conversation) is split like a failed join."""
+        try:
+            pipe, weights, routed_here, jobs = self.engine._plan(jobs)
+        except APIError as e:
+            for j in jobs:
+                j.emit("error", e)
+            return
+        except Exception as e:
+            self.stats.errors += 1
+            if len(jobs) == 1:
+                self.engine._fail(jobs[0], e)
+                return
+            self.stats.isolated += 1
+            for part in (jobs[:len(jobs) // 2], jobs[len(jobs) // 2:]):
+                self._plan_and_join(part)
+            return
+        for i, rec in routed_here.items():
+            jobs[i].routed = rec
+        if jobs:
+            self._join(pipe, jobs, [self._request(j, w) for j, w in zip(jobs, weights)])
 
     def _request(self, job: Job, weights):
         from ..pipeline import DecodeRequest

@@ -140,8 +140,9 @@ class Batcher:
         """The client went away: drop the job if still queued, else make the engine stop its row."""
         with self._cv:
             job.cancelled = True
-            if job.row is not None:     # decoding: the row leaves at its next step
-                job.row.cancel()
+            row = job.row               # read once: the worker clears it when the row finishes
+            if row is not None:         # decoding: the row leaves at its next step
+                row.cancel()
             try:
                 self._pending.remove(job)
                 self.stats.dropped += 1
