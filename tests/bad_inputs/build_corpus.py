@@ -380,7 +380,7 @@ def adapter_dir_cases():
     add("weights_empty", {}, "adapter_model.safetensors", files={W: b""})
     add("weights_truncated", {}, "adapter_model.safetensors",
         files={W: _safetensors(_lora_tensors())[:200]})
-    add("config_bad_json", {}, "adapter_config.json", "cannot read", files={A + "adapter_config.json": "{'r': 8}"})
+    add("config_bad_json", {}, "adapter_config.json", "not valid JSON", files={A + "adapter_config.json": "{'r': 8}"})
     add("config_list", {}, "adapter_config.json", "JSON object", files={A + "adapter_config.json": "[8]"})
     add("config_not_utf8", {}, "adapter_config.json", "cannot read", files={A + "adapter_config.json": b"\xff\xfe{"})
     add("peft_type_prefix", {"json_set": [[A + "adapter_config.json", "peft_type", "PREFIX_TUNING"]]}, "peft_type")
@@ -410,7 +410,7 @@ def adapter_dir_cases():
                                 LORA_KEY.format(layer=0, mod="q_proj", ab="B"): (64, 8)})})
     add("non_lora_tensor", {}, "not a LoRA weight", files={W: _safetensors({"model.embed_tokens.weight": (10, 64)})})
     add("no_tensors", {}, "no LoRA tensors", files={W: _safetensors({})})
-    add("task_meta_bad_json", {}, "dlp_task.json", "cannot read", files={A + "dlp_task.json": "{"})
+    add("task_meta_bad_json", {}, "dlp_task.json", "not valid JSON", files={A + "dlp_task.json": "{"})
     add("task_meta_no_task", {"json_set": [[A + "dlp_task.json", "task", None]]}, "dlp_task.json", "field 'task'")
     add("task_meta_task_int", {"json_set": [[A + "dlp_task.json", "task", 7]]}, "dlp_task.json", "field 'task'")
     add("task_meta_duplicate_name", {"json_set": [[A + "dlp_task.json", "task", "capitals"]]}, "capitals")
