@@ -73,6 +73,7 @@ class EvalConfig:
     max_new_tokens: int = 64                # cap on generated tokens per answer
     auto_budget: bool = True                # per task: min(cap, longest test reference + 16 tokens) - saves CPU
     batch_size: int = 8                     # rows generated together (per system)
+    reuse: bool = True                      # reuse another system's greedy answer made with the same mixture
     metrics: dict = dataclasses.field(default_factory=dict)  # task -> metric overrides (--metric task=metric)
     composite: list = dataclasses.field(default_factory=list)  # composite prompt sizes N, e.g. [2, 3] ([] = none)
     composite_n: int = 100                  # composite prompts per size
@@ -209,11 +210,11 @@ def evaluate(config: EvalConfig | str | os.PathLike | None = None, *, pipeline=N
     pipes = _load_pipelines(cfg, run, pipeline, multitask_pipeline)
     samples, budgets = _samples(cfg, tests, getattr(pipes.main, "tokenizer", None))
     systems = [s for s in cfg.systems if s not in COMPOSITE_ONLY]
-    outputs, timing = _run_interleaved(systems, pipes, samples, [s.budget for s in samples], cfg, progress)
+    outputs, timing, rowinfo = _run_interleaved(systems, pipes, samples, [s.budget for s in samples], cfg, progress)
     summary, sample_routing = _summary(cfg, run, pipes, tests, samples, systems, outputs, timing, names)
     summary["composite"], composite_rows = _evaluate_composites(cfg, pipes, tests, budgets, progress)
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    _write(cfg, summary, _prediction_rows(samples, systems, outputs, sample_routing), composite_rows)
+    _write(cfg, summary, _prediction_rows(samples, systems, outputs, sample_routing, rowinfo), composite_rows)
     return summary
 
 
@@ -409,22 +410,133 @@ def _mixture(system: str, pipe, rows: Sequence, selection: SelectionConfig) -> d
     return {"selection": forced, "weights": w}
 
 
-def _generate(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig) -> list:
-    pipe = pipes.multitask if system == "multitask" else pipes.main
-    res = pipe.generate([r.prompt for r in rows], **_mixture(system, pipe, rows, cfg.selection),
-                        max_new_tokens=list(budgets), temperature=0.0, chat=True, batch_size=len(rows))
+def _pipe_of(system: str, pipes: _Pipes):
+    return pipes.multitask if system == "multitask" else pipes.main
+
+
+def _generate(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
+              mix: dict | None = None) -> list:
+    pipe = _pipe_of(system, pipes)
+    mix = _mixture(system, pipe, rows, cfg.selection) if mix is None else mix
+    res = pipe.generate([r.prompt for r in rows], **mix, max_new_tokens=list(budgets), temperature=0.0, chat=True,
+                        batch_size=len(rows))
     check(len(res) == len(rows), f"pipeline returned {len(res)} results for {len(rows)} prompts")
     return res
 
 
+FIXED_MIXTURE = ("base", "single", "top1", "multitask", "uniform")   # one forced mixture for the whole answer
+
+
+class GenerationCache:
+    """Greedy answers of one eval run, keyed by what decides them: the pipeline (adapter set), the prompt (all
+    systems format it with the same chat template), the token budget and the mixture rounded to 1e-6. Only a
+    mixture fixed for the whole answer is looked up (forced systems, and ``dlp`` routed once per prompt); a
+    sentence-routed answer whose every routing record selects the same mixture is stored but never looked up,
+    as its mixture is only known after it was generated."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.entries: dict[tuple, tuple[Any, float]] = {}   # key -> (result, measured seconds of that row)
+
+    @staticmethod
+    def key(pipe, prompt: str, budget: int, weights) -> tuple:
+        mixture = tuple(round(float(x), 6) + 0.0 for x in weights)
+        return (id(pipe), tuple(pipe.names), prompt, int(budget), "greedy", "chat", mixture)
+
+    def lookup(self, system: str, pipe, rows: Sequence, budgets: Sequence[int], mix: dict,
+               selection: SelectionConfig) -> tuple[list, list]:
+        """Per row: its key (None = not looked up) and its routing record when answered from the cache."""
+        if not self.enabled:
+            return [None] * len(rows), [None] * len(rows)
+        if system in FIXED_MIXTURE:
+            weights, probs, source = mix["weights"], None, "forced"
+        elif system == "dlp" and mix["selection"].granularity == "prompt" and "weights" not in mix:
+            probs, weights = pipe.route([r.prompt for r in rows], mix["selection"])
+            source = "prompt"
+        else:
+            return [None] * len(rows), [None] * len(rows)
+        from .pipeline import routing_record
+
+        keys = [self.key(pipe, r.prompt, b, w) for r, b, w in zip(rows, budgets, weights)]
+        records = [routing_record(pipe.names, r.prompt, w, None if probs is None else probs[i], source)
+                   for i, (r, w) in enumerate(zip(rows, weights))]
+        return keys, records
+
+    def store_sentence_routed(self, pipe, rows: Sequence, budgets: Sequence[int], results: list,
+                              seconds: float) -> None:
+        """A sentence-routed answer whose records all select one mixture was generated with that mixture
+        throughout: later fixed-mixture systems may reuse it."""
+        for r, b, res in zip(rows, budgets, results):
+            recs = [e for e in (getattr(res, "routing", None) or []) if e.get("source") != "forced"]
+            mixes = {(tuple(e.get("selected") or []), tuple(e.get("weights") or [])) for e in recs}
+            if len(mixes) != 1:
+                continue
+            (selected, weights), = mixes
+            w = [0.0] * len(pipe.names)
+            for t, x in zip(selected, weights):
+                w[list(pipe.names).index(t)] = float(x)
+            self.entries.setdefault(self.key(pipe, r.prompt, b, w), (res, seconds))
+
+
+def _generate_cached(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
+                     cache: GenerationCache) -> tuple[list, list[dict]]:
+    """One system on one batch, rows already answered with the same key taken from ``cache``. Returns the results
+    and per row ``{"reused", "seconds"}``: a generated row's share of the measured batch time, a reused row the
+    seconds measured when it was generated."""
+    pipe = _pipe_of(system, pipes)
+    t0 = time.perf_counter()
+    mix = _mixture(system, pipe, rows, cfg.selection)
+    keys, records = cache.lookup(system, pipe, rows, budgets, mix, cfg.selection)
+    hit = {i: cache.entries[k] for i, k in enumerate(keys) if k is not None and k in cache.entries}
+    todo = [i for i in range(len(rows)) if i not in hit]
+    sub = {k: (v[todo] if k == "weights" else v) for k, v in mix.items()}
+    res = _generate(system, pipes, [rows[i] for i in todo], [budgets[i] for i in todo], cfg, sub) if todo else []
+    share = (time.perf_counter() - t0) / max(1, len(todo))
+    out: list = [None] * len(rows)
+    info: list[dict] = [{}] * len(rows)
+    for i, r in zip(todo, res):
+        out[i], info[i] = r, {"reused": False, "seconds": share}
+        if keys[i] is not None:
+            cache.entries.setdefault(keys[i], (r, share))
+    for i, (r, sec) in hit.items():
+        out[i], info[i] = dataclasses.replace(r, routing=[records[i]]), {"reused": True, "seconds": sec}
+    if cache.enabled and set(mix) == {"selection"} and mix["selection"].granularity == "sentence":
+        cache.store_sentence_routed(pipe, rows, budgets, out, share)
+    return out, info
+
+
+def _new_timing() -> dict:
+    return {"seconds": 0.0, "samples": 0, "completion_tokens": 0, "prompt_tokens": 0, "generated": 0, "reused": 0,
+            "seconds_all": 0.0}
+
+
+def _add_timing(tm: dict, res: list, info: list[dict]) -> None:
+    """Timed figures only from batches the system generated in full (a partly reused batch is smaller, so its
+    time is not comparable); ``seconds_all`` is every second the system spent."""
+    spent = sum(d["seconds"] for d in info if not d["reused"])
+    tm["seconds_all"] += spent
+    tm["generated"] += sum(1 for d in info if not d["reused"])
+    tm["reused"] += sum(1 for d in info if d["reused"])
+    if any(d["reused"] for d in info):
+        return
+    tm["seconds"] += spent
+    tm["samples"] += len(res)
+    for r in res:
+        tm["completion_tokens"] += int(getattr(r, "completion_tokens", 0) or 0)
+        tm["prompt_tokens"] += int(getattr(r, "prompt_tokens", 0) or 0)
+
+
 def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
-                     progress: bool, what: str = "eval") -> tuple[dict, dict]:
+                     progress: bool, what: str = "eval") -> tuple[dict, dict, dict]:
     """Every row through every system, batch by batch, the systems taking turns (the first one rotating, so no
-    system always runs on a cold cache). Returns outputs and timing per system."""
+    system always runs on a cold cache; with reuse, each system in turn is the one that generates a shared
+    answer). Returns outputs, timing and per-row reuse / seconds per system."""
     from tqdm.auto import tqdm
 
     outputs: dict[str, list] = {s: [None] * len(rows) for s in systems}
-    timing = {s: {"seconds": 0.0, "completion_tokens": 0, "prompt_tokens": 0} for s in systems}
+    rowinfo: dict[str, list] = {s: [None] * len(rows) for s in systems}
+    timing = {s: _new_timing() for s in systems}
+    cache = GenerationCache(cfg.reuse)
     warm = rows[: cfg.batch_size]
     for system in systems:   # lazy init and allocator warm-up, so the first timed batch is not penalised
         _generate(system, pipes, warm, [2] * len(warm), cfg)
@@ -435,18 +547,15 @@ def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets:
             batch, bud = rows[start: start + cfg.batch_size], budgets[start: start + cfg.batch_size]
             k = b % max(1, len(systems))
             for system in systems[k:] + systems[:k]:
-                t0 = time.perf_counter()
-                res = _generate(system, pipes, batch, bud, cfg)
-                timing[system]["seconds"] += time.perf_counter() - t0
-                for j, r in enumerate(res):
-                    outputs[system][start + j] = r
-                    timing[system]["completion_tokens"] += int(getattr(r, "completion_tokens", 0) or 0)
-                    timing[system]["prompt_tokens"] += int(getattr(r, "prompt_tokens", 0) or 0)
+                res, info = _generate_cached(system, pipes, batch, bud, cfg, cache)
+                _add_timing(timing[system], res, info)
+                outputs[system][start: start + len(res)] = res
+                rowinfo[system][start: start + len(res)] = info
                 bars[system].update(len(batch))
     finally:
         for bar in bars.values():
             bar.close()
-    return outputs, timing
+    return outputs, timing, rowinfo
 
 
 # ---- composite prompts -----------------------------------------------------------------------------------------
@@ -473,18 +582,21 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
     for n in cfg.composite:
         prompts = build_composites(pools, n, cfg.composite_n, cfg.seed)
         bud = [sum(budgets[t] for t in p.tasks) for p in prompts]
-        outputs, timing = _run_interleaved(systems, pipes, prompts, bud, cfg, progress, what=f"composite-{n}")
+        outputs, timing, rowinfo = _run_interleaved(systems, pipes, prompts, bud, cfg, progress,
+                                                    what=f"composite-{n}")
         scored = {s: [score_composite(outputs[s][i].text, p) for i, p in enumerate(prompts)] for s in systems}
         report[str(n)] = {
             "prompts": len(prompts), "skipped": skipped,
             "scores": {s: {**composite_figures(scored[s]),
-                           "seconds_per_prompt": timing[s]["seconds"] / len(prompts),
-                           "completion_tokens": timing[s]["completion_tokens"]} for s in systems}}
+                           "seconds_per_prompt": timing[s]["seconds"] / timing[s]["samples"]
+                           if timing[s]["samples"] else None,
+                           "completion_tokens": timing[s]["completion_tokens"],
+                           "generated": timing[s]["generated"], "reused": timing[s]["reused"]} for s in systems}}
         if "dlp-segment" in systems:
             report[str(n)]["scores"]["dlp-segment"]["question_routing_accuracy"] = \
                 _question_routing(outputs["dlp-segment"], prompts)
         report[str(n)]["target"] = _composite_target(report[str(n)]["scores"])
-        rows.extend(_composite_row(n, p, systems, outputs, scored, i) for i, p in enumerate(prompts))
+        rows.extend(_composite_row(n, p, systems, outputs, scored, i, rowinfo) for i, p in enumerate(prompts))
     return report, rows
 
 
@@ -513,7 +625,8 @@ def _question_routing(results: list, prompts: list[CompositePrompt]) -> float:
     return 100.0 * sum(hits) / max(1, len(hits))
 
 
-def _composite_row(n: int, p: CompositePrompt, systems: list[str], outputs: dict, scored: dict, i: int) -> dict:
+def _composite_row(n: int, p: CompositePrompt, systems: list[str], outputs: dict, scored: dict, i: int,
+                   rowinfo: dict) -> dict:
     return {"n": n, "index": p.index, "prompt": p.prompt,
             "items": [{"task": it.task, "question": it.question, "reference": it.reference, "metric": it.metric}
                       for it in p.items],
@@ -521,6 +634,8 @@ def _composite_row(n: int, p: CompositePrompt, systems: list[str], outputs: dict
             "answers": {s: scored[s][i].answers for s in systems},
             "scores": {s: scored[s][i].scores for s in systems},
             "all_correct": {s: scored[s][i].all_correct for s in systems},
+            "reused": {s: rowinfo[s][i]["reused"] for s in systems},
+            "seconds": {s: round(rowinfo[s][i]["seconds"], 6) for s in systems},
             "routing": {s: _routing_of(outputs[s][i]) for s in systems if s in ROUTED}}
 
 
@@ -614,18 +729,19 @@ def _routing_report(samples: list[_Sample], results: list, names: list[str], sys
     return report, rows
 
 
-def _timing_report(timing: dict, n: int) -> dict:
-    """Seconds per sample, tokens per second, time per generated token and their ratios to base and single."""
+def _timing_report(timing: dict) -> dict:
+    """Seconds per sample, tokens per second, time per generated token and their ratios to base and single, all
+    from the batches each system generated in full (see :func:`_add_timing`)."""
     for tm in timing.values():
-        tm["samples"] = n
-        tm["seconds_per_sample"] = tm["seconds"] / n
+        tm["seconds_per_sample"] = tm["seconds"] / tm["samples"] if tm["samples"] else None
         tm["tokens_per_s"] = tm["completion_tokens"] / tm["seconds"] if tm["seconds"] > 0 else None
         tm["seconds_per_token"] = tm["seconds"] / tm["completion_tokens"] if tm["completion_tokens"] else None
     for tm in timing.values():
         for ref in ("base", "single"):
             if ref in timing:
                 r = timing[ref]
-                tm[f"ratio_to_{ref}"] = tm["seconds_per_sample"] / r["seconds_per_sample"] if r["seconds_per_sample"] else None
+                tm[f"ratio_to_{ref}"] = (tm["seconds_per_sample"] / r["seconds_per_sample"]
+                                         if tm["seconds_per_sample"] and r["seconds_per_sample"] else None)
                 tm[f"token_ratio_to_{ref}"] = (tm["seconds_per_token"] / r["seconds_per_token"]
                                                if tm["seconds_per_token"] and r["seconds_per_token"] else None)
     return timing
@@ -701,13 +817,16 @@ def _summary(cfg: EvalConfig, run: Run | None, pipes: _Pipes, tests: _TestSet, s
                    "n": sum(1 for s in samples if s.task == t.name), "has_adapter": t.name in names,
                    "group": "mcq" if tests.metric[t.name] == "accuracy" else "qa"} for t in tests.tasks],
         "per_task": per_task, "averages": averages, "routing": routing,
-        "timing": _timing_report(timing, len(samples)), "target": _target(averages),
+        "timing": _timing_report(timing), "target": _target(averages),
+        "reuse": {"enabled": cfg.reuse, "reused": {s: timing[s]["reused"] for s in systems},
+                  "generated": {s: timing[s]["generated"] for s in systems}},
         "command": cfg.command, "config": dataclasses.asdict(cfg),
     }
     return summary, sample_routing
 
 
-def _prediction_rows(samples: list[_Sample], systems: list[str], outputs: dict, sample_routing: list | None) -> list[dict]:
+def _prediction_rows(samples: list[_Sample], systems: list[str], outputs: dict, sample_routing: list | None,
+                     rowinfo: dict) -> list[dict]:
     rows = []
     for i, s in enumerate(samples):
         rows.append({"task": s.task, "index": s.index, "prompt": s.question, "reference": s.reference,
@@ -716,6 +835,8 @@ def _prediction_rows(samples: list[_Sample], systems: list[str], outputs: dict, 
                      "scores": {sy: score(s.metric, outputs[sy][i].text, s.reference, s.choices) for sy in systems},
                      "completion_tokens": {sy: getattr(outputs[sy][i], "completion_tokens", None) for sy in systems},
                      "finish_reason": {sy: getattr(outputs[sy][i], "finish_reason", None) for sy in systems},
+                     "reused": {sy: rowinfo[sy][i]["reused"] for sy in systems},
+                     "seconds": {sy: round(rowinfo[sy][i]["seconds"], 6) for sy in systems},
                      "routing": sample_routing[i] if sample_routing is not None else None})
     return rows
 
@@ -848,10 +969,11 @@ def _md_composite(summary: dict) -> str:
     for n, size in comp.items():
         lines += [f"### Composite-{n} ({size['prompts']} prompts of {n} questions from {n} different tasks; "
                   "points, 0-100)", "",
-                  "| system | item score | all items correct | format rate | s/prompt |", "|---|---:|---:|---:|---:|"]
+                  "| system | item score | all items correct | format rate | s/prompt | reused |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for s, f in size["scores"].items():
             lines.append(f"| {s} | {_fmt(f['item_score'], 1)} | {_fmt(f['all_correct'], 1)} | "
-                         f"{_fmt(f['format_rate'], 1)} | {_fmt(f['seconds_per_prompt'], 3)} |")
+                         f"{_fmt(f['format_rate'], 1)} | {_fmt(f['seconds_per_prompt'], 3)} | {f.get('reused', 0)} |")
         tg = size.get("target")
         if tg:
             lines += ["", f"Target (dlp-segment item score above top1, dlp, uniform and multitask): "
@@ -875,14 +997,17 @@ def _md_timing(summary: dict) -> str:
     lines = ["### Time (same run, systems interleaved per batch)", "",
              "Time per generated token includes the prompt's prefill, so a system that stops early (short answers) "
              "pays more per token; compare systems that generate the same number of tokens (e.g. single vs dlp), "
-             "or use `dlp-lora bench` for fixed-length ratios.", "",
-             "| system | s/sample | tokens/s | gen. tokens | time/token vs base | time/token vs single | time/sample vs base |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "or use `dlp-lora bench` for fixed-length ratios. Answers reused from another system with the same "
+             "mixture are not timed again: times come from the batches each system generated in full "
+             "(`--no-reuse` times every batch).", "",
+             "| system | s/sample | tokens/s | gen. tokens | time/token vs base | time/token vs single | time/sample vs base "
+             "| timed samples | reused |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary["systems"]:
         d = tm[s]
         lines.append(f"| {s} | {_fmt(d['seconds_per_sample'], 3)} | {_fmt(d['tokens_per_s'], 1)} | {d['completion_tokens']} | "
                      f"{_fmt(d.get('token_ratio_to_base'), 2)} | {_fmt(d.get('token_ratio_to_single'), 2)} | "
-                     f"{_fmt(d.get('ratio_to_base'), 2)} |")
+                     f"{_fmt(d.get('ratio_to_base'), 2)} | {d['samples']} | {d.get('reused', 0)} |")
     return "\n".join(lines)
 
 

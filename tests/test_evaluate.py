@@ -549,3 +549,44 @@ def test_leakage_guard_drops_training_questions(tmp_path):
     with pytest.raises(DLPError, match="empty test set"):
         evaluate(run, data=[train / "capitals.json"], out_dir=tmp_path / "o2", pipeline=FakePipeline(tasks),
                  systems="single", progress=False)
+
+
+def test_reuse_gives_the_same_scores_as_no_reuse_on_the_tiny_run(cli, tiny_run, tmp_path):
+    """With top-p 0.01 the router keeps one adapter, so dlp, top1 and (when routing is right) single generate with
+    the same one-hot mixture: the default run answers those from one generation, ``--no-reuse`` generates each
+    system itself, and both give the same outputs and scores."""
+    from dlp_lora.tasks import write_builtin_tasks
+
+    test = tmp_path / "test"
+    write_builtin_tasks(test, n=4, seed=11, tasks=["arithmetic", "capitals", "word_sorting"])
+    common = ["eval", "--run", tiny_run, "--data-dir", test, "--systems", "base,single,dlp,top1,uniform",
+              "--top-p", "0.01", "--limit", "3", "--max-new-tokens", "5", "--fixed-length", "--batch-size", "3",
+              "--no-progress", "--device", "cpu"]
+    runs = {}
+    for name, extra in (("reuse", []), ("no_reuse", ["--no-reuse"])):
+        res = cli(*common, "--out", tmp_path / name, *extra)
+        assert res.code == 0, res
+        runs[name] = (json.loads((tmp_path / name / "summary.json").read_text()),
+                      [json.loads(l) for l in (tmp_path / name / "predictions.jsonl").read_text().splitlines()])
+    (s, rows), (s0, rows0) = runs["reuse"], runs["no_reuse"]
+    assert s["reuse"]["enabled"] is True and s0["reuse"]["enabled"] is False
+    assert set(s0["reuse"]["reused"].values()) == {0} and set(s0["reuse"]["generated"].values()) == {9}
+    # dlp and top1 always share a mixture here, so one of the two reused the other's answer on every sample
+    assert s["reuse"]["reused"]["dlp"] + s["reuse"]["reused"]["top1"] >= 9
+    assert sum(s["reuse"]["reused"].values()) == sum(sum(r["reused"].values()) for r in rows)
+    for sy in ("base", "single", "dlp", "top1", "uniform"):
+        assert s["reuse"]["reused"][sy] + s["reuse"]["generated"][sy] == 9
+        assert s["timing"][sy]["reused"] == s["reuse"]["reused"][sy]
+        assert s["timing"][sy]["samples"] + s["timing"][sy]["reused"] <= 9
+        for t in s["per_task"]:
+            assert s["per_task"][t][sy] == s0["per_task"][t][sy]
+    assert s["reuse"]["reused"]["base"] == s["reuse"]["reused"]["uniform"] == 0   # mixtures no other system has
+    assert s["routing"] == s0["routing"]          # a reused dlp answer still carries its own routing record
+    assert "config.json" in {p.name for p in (tmp_path / "reuse").iterdir()}
+    for r, r0 in zip(rows, rows0):
+        assert r["outputs"] == r0["outputs"] and r["scores"] == r0["scores"]
+        assert r["routing"] == r0["routing"]
+        assert not any(r0["reused"].values()) and all(v >= 0 for v in r["seconds"].values())
+        if r["reused"]["dlp"] or r["reused"]["top1"]:
+            assert r["outputs"]["dlp"] == r["outputs"]["top1"]
+    assert "| timed samples | reused |" in (tmp_path / "reuse" / "summary.md").read_text()
