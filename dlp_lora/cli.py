@@ -287,7 +287,7 @@ def cmd_eval(args) -> int:
     given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
     cfg = EvalConfig(run_dir=args.run, data=args.data or [], data_dir=args.data_dir or "", out_dir=args.out,
                      selection=selection_from_args(args), auto_budget=not args.fixed_length, overwrite=args.overwrite,
-                     command=command_line(_eval_argv(args)), **given)
+                     reuse=not args.no_reuse, command=command_line(_eval_argv(args)), **given)
     summary = evaluate(cfg, progress=not args.no_progress)
     print(summary_markdown(summary))
     print(f"wrote {args.out}" + (f" and {args.results_md}" if args.results_md else ""))
@@ -306,7 +306,7 @@ def _eval_argv(args) -> list[str]:
             argv += [flag, str(value)]
     for m in args.metric or []:
         argv += ["--metric", m]
-    argv += [flag for flag in ("--fixed-length", "--overwrite") if getattr(args, flag[2:].replace("-", "_"))]
+    argv += [flag for flag in ("--fixed-length", "--no-reuse", "--overwrite") if getattr(args, flag[2:].replace("-", "_"))]
     return argv
 
 
@@ -332,6 +332,9 @@ def _p_eval(sub) -> None:
     p.add_argument("--fixed-length", action="store_true",
                    help="always allow --max-new-tokens (default: per task, longest reference + 16, capped)")
     p.add_argument("--batch-size", type=int, default=None, help=f"rows generated together (default {d.batch_size})")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="generate every system's answers itself (default: a system whose mixture for a prompt "
+                        "equals one already generated reuses that greedy answer)")
     p.add_argument("--metric", action="append", default=None, metavar="TASK=METRIC",
                    help="override a task's metric (repeatable)")
     p.add_argument("--composite", default=None, metavar="N[,N...]",
