@@ -459,8 +459,16 @@ class RouterConfig:
     embed_init_std: float = 0.02            # mini-MLP: init std of the token embeddings (unseen tokens stay near 0)
     crop_prob: float = 0.0                  # mini-MLP training: chance to train on a random span of a text instead
     pooling: str = "mean"                   # mini-MLP: "mean" (paper: EmbeddingBag mean) or "mean+max" (ours)
+    head_tokens: int = 4                    # mini-MLP: also pool the first N tokens on their own (0 = paper's mean only)
+    label_smoothing: float = 0.1            # training loss label smoothing (0 = plain cross-entropy)
+    temperature: float = 1.0                # probs = softmax(logits / T); T fitted on the validation split
 
     def __post_init__(self) -> None:
+        check(isinstance(self.head_tokens, int) and not isinstance(self.head_tokens, bool)
+              and 0 <= self.head_tokens <= 1024, f"head_tokens must be an integer in [0, 1024], got {self.head_tokens!r}")
+        check(isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 1.0,
+              f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        _positive("temperature", self.temperature)
         check(self.activation in ("gelu", "relu"), f"activation must be gelu|relu, got {self.activation!r}")
         check(self.tokenizer_source in ("base", "pretrained"),
               f"tokenizer_source must be base|pretrained, got {self.tokenizer_source!r}")

@@ -289,7 +289,7 @@ def test_lean_probs_equal_the_module_forward(trained, tmp_path, tiny_model_path,
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)[:-1]])
         ids = torch.tensor([t for x in rows for t in x], dtype=torch.long)
         with torch.no_grad():
-            return torch.softmax(router.model(ids, offsets), -1)
+            return torch.softmax(router.model(ids, offsets) / router.temperature, -1)
 
     want = reference(r, texts)
     assert torch.allclose(r.probs(texts), want, atol=1e-6, rtol=0)
@@ -340,7 +340,7 @@ def test_mean_max_router_trains_and_reloads(toy, tmp_path, tiny_model_path):
     cfg = RouterConfig(pooling="mean+max", crop_prob=0.3, epochs=2)
     out = train_router(data, tiny_model_path, tmp_path / "r", cfg, progress=False)
     r = Router.load(out)
-    assert r.config.pooling == "mean+max" and r.model.mlp[0].in_features == 2 * cfg.embed_dim
+    assert r.config.pooling == "mean+max" and r.model.mlp[0].in_features == (2 + 1) * cfg.embed_dim  # + head mean
     texts = [x["text"] for x in read_split(data, "test")]
     assert torch.equal(r.probs(texts), Router.load(out).probs(texts))
 

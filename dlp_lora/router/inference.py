@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import DLPError, RouterConfig, load_config
+from ..config import DLPError, RouterConfig, config_from_dict, read_json_file
 from .labels import LABELS_FILE, check_label_order, read_labels
 from .hf import hf_logits, rebuild_hf_router, special_ids
 from .mlp import MiniMLPRouter, TokenEncoder, count_params
@@ -27,6 +27,15 @@ def pad_id(model, kind: str) -> int:
     return int(pad) if pad is not None else 0
 
 
+def read_router_config(path: Path) -> RouterConfig:
+    """A router folder's ``config.json``. Routers saved before head pooling existed have no ``head_tokens``
+    field and were trained without it (0), which is not the default for new routers."""
+    data = read_json_file(path)
+    if isinstance(data, dict) and data.get("kind", "mlp") == "mlp":
+        data = {"head_tokens": 0, **data}
+    return config_from_dict(RouterConfig, data, str(path))
+
+
 class Router:
     """A trained router: ``probs(texts) -> (B, N)`` float32 CPU tensor, rows sum to 1; ``labels`` in adapter order."""
 
@@ -37,6 +46,8 @@ class Router:
         self.labels = list(labels)
         self.config = config
         self.kind = config.kind
+        # probs = softmax(logits / temperature): fitted on the validation split at training time
+        self.temperature = float(config.temperature)
         self.path = path
         self.device = device
         # The base-model tokenizer identity this router depends on (the pipeline compares it with its base
@@ -64,7 +75,7 @@ class Router:
         for f in ROUTER_FILES:
             if not (path / f).exists():
                 raise DLPError(f"{path}: not a router folder (missing {f})")
-        config = load_config(RouterConfig, path / "config.json")
+        config = read_router_config(path / "config.json")
         labels = read_labels(path / LABELS_FILE)
         if config.num_labels != len(labels):
             raise DLPError(f"{path / 'config.json'}: field 'num_labels': {config.num_labels}, but labels.json has "
@@ -83,7 +94,8 @@ class Router:
                            f"{config.vocab_size}")
         if config.kind == "mlp":
             model = MiniMLPRouter(config.vocab_size, config.num_labels, config.embed_dim, config.hidden_dim,
-                                  config.mlp_dropout, config.activation, pooling=config.pooling)
+                                  config.mlp_dropout, config.activation, pooling=config.pooling,
+                                  head_tokens=config.head_tokens)
         else:
             model = rebuild_hf_router(path / "hf")
         from safetensors.torch import load_model
@@ -100,7 +112,7 @@ class Router:
 
     # -- inference -------------------------------------------------------------------------------------------
     def logits(self, texts: str | Sequence[str], batch_size: int = 4096) -> torch.Tensor:
-        """Raw logits ``(B, N)`` float32 on CPU."""
+        """Raw logits ``(B, N)`` float32 on CPU (before the temperature; the argmax is the same)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -129,7 +141,7 @@ class Router:
         eval forward :meth:`MiniMLPRouter.infer` (no module dispatch, no dropout calls) under inference mode."""
         if self.kind != "mlp":
             with torch.inference_mode():
-                return torch.softmax(self.logits(texts, batch_size), dim=-1)
+                return torch.softmax(self.logits(texts, batch_size) / self.temperature, dim=-1)
         if isinstance(texts, str):
             texts = [texts]
         elif not isinstance(texts, list):
@@ -144,13 +156,15 @@ class Router:
                 ids = torch.tensor(row, dtype=torch.int64)
                 if str(self.device) != "cpu":
                     ids = ids.to(self.device)
-                return torch.softmax(self.model.infer(ids, self._zero_offset(ids.device)).float(), dim=-1).cpu()
+                logits = self.model.infer(ids, self._zero_offset(ids.device)).float()
+                return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1).cpu()
             outs = []
             for i in range(0, len(texts), batch_size):
                 ids, offsets = self.encoder.flat(texts[i: i + batch_size] if len(texts) > batch_size else texts)
                 if str(self.device) != "cpu":
                     ids, offsets = ids.to(self.device), offsets.to(self.device)
-                outs.append(torch.softmax(self.model.infer(ids, offsets).float(), dim=-1))
+                logits = self.model.infer(ids, offsets).float()
+                outs.append(torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             return out.cpu() if out.device.type != "cpu" else out
 

@@ -3,8 +3,13 @@
 Token ids come from the *base LLM's tokenizer* (DESIGN §5): the vocabulary size is read from the tokenizer
 (``len(tokenizer)``), never typed by hand. ``EmbeddingBag(mode="mean")`` averages the token embeddings of a
 sentence (flat ids + offsets, so no padding is computed), then a 4-layer MLP gives one logit per task.
-With the default ``RouterConfig`` (embed 96, hidden 256) and SmolLM2's 49,152-token vocabulary this is
+With the default ``RouterConfig`` (embed 96, hidden 256, head 4) and SmolLM2's 49,152-token vocabulary this is
 about 4.9M parameters, matching the paper's "about 5M".
+
+*Head pooling* (ours, not the paper's): the mean of the first ``head_tokens`` token embeddings (the same table)
+is fed to the MLP beside the mean of all tokens. Many tasks announce themselves in their first words ("Which
+statement is sarcastic?", "Passage:", "How would a typical person answer ..."), and a mean over 60 tokens
+dilutes those few; measured on the 21 real tasks it removes most confusions (docs/router_results.md).
 """
 
 from __future__ import annotations
@@ -21,45 +26,68 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 POOLINGS = ("mean", "mean+max")
 
 
-class MiniMLPRouter(nn.Module):
-    """EmbeddingBag (mean) -> Linear/act/dropout x3 -> Linear: ``forward(ids, offsets) -> logits (B, N)``.
+def bag_lengths(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Number of tokens of each text of a flat ``(ids, offsets)`` batch."""
+    return torch.diff(offsets, append=torch.tensor([ids.numel()], device=offsets.device))
 
-    ``pooling="mean+max"`` (ours, not the paper's): the MLP reads the mean *and* the element-wise max of the
-    token embeddings, so one rare, decisive token ("sarcastic") is not averaged away by a long text."""
+
+def head_bags(ids: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` tokens of every text as a new flat ``(ids, offsets)`` batch."""
+    n = ids.numel()
+    lens = bag_lengths(ids, offsets)
+    pos = torch.arange(n, device=ids.device) - torch.repeat_interleave(offsets, lens, output_size=n)
+    head_lens = lens.clamp_max(k)
+    head_off = torch.zeros_like(offsets)
+    if len(offsets) > 1:
+        head_off[1:] = head_lens[:-1].cumsum(0)
+    return ids[pos < k], head_off
+
+
+class MiniMLPRouter(nn.Module):
+    """EmbeddingBag (mean) [+ head mean] -> Linear/act/dropout x3 -> Linear: ``forward(ids, offsets) -> logits``.
+
+    ``head_tokens`` > 0 also feeds the mean of each text's first ``head_tokens`` embeddings (see the module doc).
+    ``pooling="mean+max"`` (ours, not the paper's) adds the element-wise max of the token embeddings."""
 
     def __init__(self, vocab_size: int, num_labels: int, embed_dim: int = 96, hidden_dim: int = 256,
                  dropout: float = 0.1, activation: str = "gelu", embed_init_std: float = 0.02,
-                 pooling: str = "mean") -> None:
+                 pooling: str = "mean", head_tokens: int = 0) -> None:
         super().__init__()
         act = ACTIVATIONS[activation]
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
+        self.pooling, self.head_tokens = pooling, int(head_tokens)
         self.vocab_size, self.num_labels = int(vocab_size), int(num_labels)
         self.embed = nn.EmbeddingBag(self.vocab_size, embed_dim, mode="mean")
         # Small init (not PyTorch's N(0, 1)): most of a 50k vocabulary never occurs in router data, and a token
         # unseen in training must not add a large random vector to a test sentence's mean.
         nn.init.normal_(self.embed.weight, 0.0, embed_init_std)
+        width = embed_dim * ((2 if pooling == "mean+max" else 1) + (1 if self.head_tokens else 0))
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim * (2 if pooling == "mean+max" else 1), hidden_dim), act(), nn.Dropout(dropout),
+            nn.Linear(width, hidden_dim), act(), nn.Dropout(dropout),
             nn.Linear(hidden_dim, hidden_dim), act(), nn.Dropout(dropout),
             nn.Linear(hidden_dim, hidden_dim), act(), nn.Dropout(dropout),
             nn.Linear(hidden_dim, self.num_labels),
         )
 
     def _pooled(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        mean = F.embedding_bag(ids, self.embed.weight, offsets, mode="mean", sparse=self.embed.sparse)
-        if self.pooling == "mean":
-            return mean
-        # max over each text's tokens (sparse-gradient friendly: embedding + segment max); empty text -> 0
+        weight, sparse = self.embed.weight, self.embed.sparse
+        parts = [F.embedding_bag(ids, weight, offsets, mode="mean", sparse=sparse)]
+        if self.pooling == "mean+max":
+            parts.append(self._max_pooled(ids, offsets, parts[0]))
+        if self.head_tokens:
+            hid, hoff = head_bags(ids, offsets, self.head_tokens)
+            parts.append(F.embedding_bag(hid, weight, hoff, mode="mean", sparse=sparse))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def _max_pooled(self, ids: torch.Tensor, offsets: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """Max over each text's tokens (sparse-gradient friendly: embedding + segment max); empty text -> 0."""
+        if not ids.numel():
+            return torch.zeros_like(mean)
         tok = F.embedding(ids, self.embed.weight, sparse=self.embed.sparse)
-        lens = torch.diff(offsets, append=torch.tensor([ids.numel()], device=offsets.device))
-        if ids.numel():
-            mx = torch.segment_reduce(tok, "max", lengths=lens, unsafe=True)
-            mx = torch.where((lens > 0).unsqueeze(-1), mx, torch.zeros_like(mx))
-        else:
-            mx = torch.zeros_like(mean)
-        return torch.cat([mean, mx], -1)
+        lens = bag_lengths(ids, offsets)
+        mx = torch.segment_reduce(tok, "max", lengths=lens, unsafe=True)
+        return torch.where((lens > 0).unsqueeze(-1), mx, torch.zeros_like(mx))
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.mlp(self._pooled(ids, offsets))
@@ -79,11 +107,35 @@ class MiniMLPRouter(nn.Module):
         if self.pooling == "mean" and ids.dim() == 1:
             # what F.embedding_bag(mode="mean") ends in, minus its Python argument checks (mode 1 = mean)
             x = torch.embedding_bag(emb, ids, offsets, False, 1, False, None, False, None)[0]
+            if self.head_tokens:
+                # one text (the per-request path): its head is simply its first tokens
+                hid, hoff = (ids[: self.head_tokens], offsets) if len(offsets) == 1 else \
+                    head_bags(ids, offsets, self.head_tokens)
+                x = torch.cat((x, torch.embedding_bag(emb, hid, hoff, False, 1, False, None, False, None)[0]), -1)
         else:
             x = self._pooled(ids, offsets)
         for w, b in layers[:-1]:
             x = act(F.linear(x, w, b))
         return F.linear(x, *layers[-1])
+
+    def resized(self, keep: list[int], extra: int = 0) -> "MiniMLPRouter":
+        """A copy whose output rows are this router's rows ``keep`` (in that order) followed by ``extra`` new
+        rows; everything else is shared knowledge, copied. Adding or removing a task without starting over."""
+        out_layer = self.mlp[-1]
+        new = MiniMLPRouter(self.vocab_size, len(keep) + extra, self.embed.embedding_dim, out_layer.in_features,
+                            self.mlp[2].p, "gelu" if isinstance(self.mlp[1], nn.GELU) else "relu",
+                            pooling=self.pooling, head_tokens=self.head_tokens)
+        last = f"mlp.{len(self.mlp) - 1}."
+        state = {k: v.clone() for k, v in self.state_dict().items() if not k.startswith(last)}
+        idx = torch.tensor(keep, dtype=torch.long)
+        w, b = out_layer.weight.detach(), out_layer.bias.detach()
+        # new rows start as the mean row: no task is favoured before fine-tuning; a small random part breaks ties
+        w_new = w.mean(0, keepdim=True).repeat(extra, 1) + 0.01 * torch.randn(extra, w.shape[1])
+        b_new = b.mean().repeat(extra)
+        state[last + "weight"] = torch.cat([w[idx], w_new])
+        state[last + "bias"] = torch.cat([b[idx], b_new])
+        new.load_state_dict(state)
+        return new
 
 
 def drop_tokens(ids: torch.Tensor, offsets: torch.Tensor, p: float, generator: torch.Generator | None = None
@@ -114,9 +166,7 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Token features: encode once, batch by gathering (no re-tokenisation per epoch)
-# ----------------------------------------------------------------------------------------------------------------
+# Token features are encoded once and batched by gathering, so no text is re-tokenised per epoch.
 
 @dataclasses.dataclass
 class Encoded:

@@ -1,18 +1,22 @@
-"""Train a router on router data, save it, (DESIGN §5); :mod:`.inference` loads it back as ``Router``.
+"""Train a router on router data, calibrate and save it (DESIGN §5); :mod:`.inference` loads it as ``Router``.
 
 Router folder (the contract between ``train-router`` and the pipeline)::
 
     router.safetensors   the weights (safetensors only; never pickles)
-    config.json          the resolved RouterConfig: kind, sizes, vocab_size, num_labels, tokenizer identity
+    config.json          the resolved RouterConfig: kind, sizes, vocab_size, num_labels, tokenizer identity,
+                         temperature (fitted on the validation split; ``Router.probs`` applies it)
     labels.json          task names; label i == adapter i of adapters.txt
     tokenizer/           the tokenizer the router reads (save_pretrained); for the mini-MLP: the base LLM's
     hf/config.json       albert/distilroberta only: the architecture
-    metrics.json         val/test accuracy, per-task test accuracy, confusion matrix, train seconds, params
+    metrics.json         val/test accuracy, per-task test accuracy, confusion matrix, train seconds, params,
+                         calibration (ECE before/after) and the fallback trade-off against out-of-domain prompts
     confusion.png        the test confusion matrix (row-normalised), so task collisions are visible
+    reliability.png      reliability diagram before/after temperature scaling
+    fallback.png         share of out-of-domain / in-domain prompts sent to the base model per min_confidence
 
-Training: AdamW, shuffled mini-batches, validation accuracy after every epoch, early stopping after
-``patience`` epochs without improvement, best weights kept. Texts are tokenised once, in batch, before the
-first epoch. The mini-MLP's embedding table gets sparse gradients (only the rows of the batch's tokens are
+Training: AdamW, shuffled mini-batches, label smoothing, validation accuracy after every epoch, early stopping
+after ``patience`` epochs without improvement, best weights kept. Texts are tokenised once, in batch, before
+the first epoch. The mini-MLP's embedding table gets sparse gradients (only the rows of the batch's tokens are
 touched), which keeps a CPU epoch over tens of thousands of sentences to about a second.
 """
 
@@ -29,18 +33,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import DLPError, RouterConfig, atomic_dir, atomic_write_json, load_config, save_config
-from .data import COMPOSITE_FILE, LABELS_FILE, adapter_task_names, check_label_order, read_labels, \
-    read_router_data, read_router_file
-from .hf import HF_KINDS, build_hf_router, hf_logits, rebuild_hf_router, special_ids
-from .inference import ROUTER_FILES, ROUTER_WEIGHTS, Router, pad_id as _pad_id
+from ..config import DLPError, RouterConfig, atomic_dir, atomic_write_json, save_config
+from ..selection import SelectionConfig
+from .calibrate import ECE_BINS, calibration_error, fallback_curve, fit_temperature, plot_fallback, plot_reliability, \
+    read_ood_prompts, reliability_bins
+from .data import COMPOSITE_FILE, LABELS_FILE, SPLITS, adapter_task_names, check_label_order, read_router_data, \
+    read_router_file
+from .hf import HF_KINDS, build_hf_router, hf_logits, special_ids
+from .inference import ROUTER_WEIGHTS, pad_id as _pad_id
 from .mlp import Encoded, MiniMLPRouter, TokenEncoder, count_params, drop_tokens
 
 
-
-# ----------------------------------------------------------------------------------------------------------------
 # Shared forward helpers
-# ----------------------------------------------------------------------------------------------------------------
 
 def _forward(model, kind: str, enc: Encoded, idx: torch.Tensor, pad_id: int, token_dropout: float = 0.0,
              generator: torch.Generator | None = None, crop_prob: float = 0.0) -> torch.Tensor:
@@ -63,23 +67,37 @@ def _predict_logits(model, kind: str, enc: Encoded, batch_size: int, pad_id: int
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Splits:
+    """The router data of one training, tokenised once: ``enc[split]`` token ids, ``y[split]`` labels."""
+
+    enc: dict[str, Encoded]
+    y: dict[str, torch.Tensor]
+    tokenize_seconds: float = 0.0
+
+
+def encode_splits(encoder: TokenEncoder, splits: dict[str, list[dict]]) -> Splits:
+    t0 = time.time()
+    enc = {s: encoder.encode([r["text"] for r in rows]) for s, rows in splits.items()}
+    y = {s: torch.tensor([r["label"] for r in rows], dtype=torch.int64) for s, rows in splits.items()}
+    return Splits(enc, y, time.time() - t0)
+
+
 # Training
-# ----------------------------------------------------------------------------------------------------------------
 
 def _build_model(config: RouterConfig, num_labels: int, base_tokenizer):
     if config.kind == "mlp":
         if config.pretrained:
             raise DLPError("--pretrained is for albert/distilroberta routers; the mini-MLP is trained from scratch")
         model = MiniMLPRouter(len(base_tokenizer), num_labels, config.embed_dim, config.hidden_dim,
-                              config.mlp_dropout, config.activation, config.embed_init_std, config.pooling)
-        # Sparse embedding gradients: a batch touches a few hundred of the ~50k rows.
-        model.embed.sparse = True
+                              config.mlp_dropout, config.activation, config.embed_init_std, config.pooling,
+                              config.head_tokens)
         return model, base_tokenizer, "base"
     return build_hf_router(config, num_labels, base_tokenizer)
 
 
-def _encoder_for(model, config: RouterConfig, tokenizer, source: str) -> TokenEncoder:
+def encoder_for(config: RouterConfig, tokenizer, source: str) -> TokenEncoder:
+    """The token encoder a router of ``config`` reads with (HF routers wrap texts in their special tokens)."""
     if config.kind == "mlp":
         return TokenEncoder(tokenizer, config.max_tokens)
     prefix, suffix = special_ids(tokenizer, source)
@@ -88,6 +106,8 @@ def _encoder_for(model, config: RouterConfig, tokenizer, source: str) -> TokenEn
 
 def _optimizers(model, config: RouterConfig) -> list[torch.optim.Optimizer]:
     if config.kind == "mlp":
+        # Sparse embedding gradients: a batch touches a few hundred of the ~50k rows.
+        model.embed.sparse = True
         emb = [model.embed.weight]
         rest = [p for n, p in model.named_parameters() if not n.startswith("embed.")]
         return [torch.optim.SparseAdam(emb, lr=config.learning_rate),
@@ -99,9 +119,82 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file per run, rewritten atomically after every epoch (resume with resume=True)
-# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FitState:
+    """Where the epoch loop stands; all but ``best_state`` is JSON (it goes into the checkpoint)."""
+
+    epoch: int = 0                                  # last finished epoch
+    history: list = dataclasses.field(default_factory=list)
+    bad: int = 0                                    # epochs since the best one
+    best_epoch: int = 0
+    best: tuple = (-1.0, float("inf"))              # (val accuracy, val loss) of the best epoch
+    stopped: bool = False
+    best_state: dict | None = None                  # weights of the best epoch
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "best_state"}
+        d["best"] = list(self.best)
+        return d
+
+
+def _train_epoch(model, config: RouterConfig, data: Splits, pad_id: int, gen: torch.Generator, opts) -> float:
+    model.train()
+    n = len(data.enc["train"])
+    perm = torch.randperm(n, generator=gen)
+    total, steps = 0.0, 0
+    for i in range(0, n, config.batch_size):
+        idx = perm[i: i + config.batch_size]
+        logits = _forward(model, config.kind, data.enc["train"], idx, pad_id, config.token_dropout, gen,
+                          config.crop_prob)
+        loss = F.cross_entropy(logits, data.y["train"][idx], label_smoothing=config.label_smoothing)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+def fit(model, config: RouterConfig, data: Splits, pad_id: int, gen: torch.Generator, opts, state: FitState,
+        progress: bool = True, on_epoch=None, desc: str = "train router") -> FitState:
+    """Epochs from ``state.epoch + 1`` until ``config.epochs`` or early stopping: validation accuracy after every
+    epoch (ties: lower validation loss), best weights kept in ``state.best_state``. Without a validation split
+    the last epoch is kept. ``on_epoch(state)`` runs after each epoch (checkpoints)."""
+    from tqdm.auto import tqdm
+
+    has_val = len(data.enc["val"]) > 0
+    bar = tqdm(range(state.epoch + 1, config.epochs + 1) if not state.stopped else [], desc=desc, unit="epoch",
+               disable=not progress, initial=state.epoch, total=config.epochs)
+    for epoch in bar:
+        loss = _train_epoch(model, config, data, pad_id, gen, opts)
+        if has_val:
+            vlog = _predict_logits(model, config.kind, data.enc["val"], 1024, pad_id)
+            vacc, vloss = _accuracy(vlog, data.y["val"]), float(F.cross_entropy(vlog, data.y["val"]))
+        else:
+            vacc, vloss = float(epoch), 0.0
+        state.epoch = epoch
+        state.history.append({"epoch": epoch, "train_loss": loss,
+                              **({"val_accuracy": vacc, "val_loss": vloss} if has_val else {})})
+        bar.set_postfix(loss=f"{loss:.4f}", **({"val_acc": f"{vacc:.4f}"} if has_val else {}))
+        if vacc > state.best[0] or (vacc == state.best[0] and vloss < state.best[1] - 1e-6):
+            state.best, state.best_epoch, state.bad = (vacc, vloss), epoch, 0
+            state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state.bad += 1
+            state.stopped = state.bad >= config.patience
+        if on_epoch is not None:
+            on_epoch(state)
+        if state.stopped:
+            break
+    bar.close()
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    return state
+
+
+# Checkpoints: one safetensors file per run, rewritten atomically after an epoch (resume with resume=True)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -189,8 +282,6 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
     finished ``out_dir`` as it is. The resumed run ends with the same weights as an uninterrupted one.
     ``checkpoint_seconds``: write the checkpoint after an epoch only when this long has passed since the last
     one (0: after every epoch), so that big routers with fast epochs do not spend their time writing."""
-    from tqdm.auto import tqdm
-
     from ..models import load_tokenizer, tokenizer_identity
 
     out_dir = Path(out_dir)
@@ -205,130 +296,145 @@ def train_router(data_dir: str | os.PathLike, model_spec: str | os.PathLike, out
     if adapters is not None:
         check_label_order(labels, adapter_task_names(adapters), f"{Path(data_dir) / LABELS_FILE}")
     base_tok = load_tokenizer(model_spec)
-    base_id = tokenizer_identity(base_tok)
     torch.manual_seed(config.seed)
-    model, tok, source = _build_model(config, len(labels), base_tok)
-    encoder = _encoder_for(model, config, tok, source)
-    pad_id = _pad_id(model, config.kind)
     t0 = time.time()
-    enc = {s: encoder.encode([r["text"] for r in rows]) for s, rows in splits.items()}
-    y = {s: torch.tensor([r["label"] for r in rows], dtype=torch.int64) for s, rows in splits.items()}
-    tokenize_seconds = time.time() - t0
-    n_params = count_params(model)
+    model, tok, source = _build_model(config, len(labels), base_tok)
+    data = encode_splits(encoder_for(config, tok, source), splits)
     if progress:
-        print(f"router: {config.kind}, {n_params:,} parameters, {len(labels)} tasks, vocabulary {len(tok):,}, "
-              f"{len(enc['train'])} train / {len(enc['val'])} val / {len(enc['test'])} test records")
-
+        print(f"router: {config.kind}, {count_params(model):,} parameters, {len(labels)} tasks, vocabulary "
+              f"{len(tok):,}, {len(data.y['train'])} train / {len(data.y['val'])} val / {len(data.y['test'])} "
+              "test records")
     opts = _optimizers(model, config)
     gen = torch.Generator().manual_seed(config.seed)
-    n = len(enc["train"])
-    has_val = len(enc["val"]) > 0
-    best = (-1.0, float("inf"))
-    best_state, best_epoch, bad, history = None, 0, 0, []
-    key = _resume_key(config, data_dir, labels, base_id)
+    key = _resume_key(config, data_dir, labels, tokenizer_identity(base_tok))
+    state = _start_state(work, key, resume, model, opts, gen, progress)
+    resumed_from = state.epoch
+    saver = _checkpointer(work / CHECKPOINT, key, model, opts, gen, checkpoint_seconds, config.epochs)
+    state = fit(model, config, data, _pad_id(model, config.kind), gen, opts, state, progress, saver)
+    extra = {"epochs_run": len(state.history), "best_epoch": state.best_epoch, "history": state.history,
+             "train_seconds": round(time.time() - t0, 3), "tokenize_seconds": round(data.tokenize_seconds, 3),
+             "data": str(Path(data_dir).absolute()), "model": str(model_spec), "resumed_from_epoch": resumed_from}
+    finish_router(model, config, tok, source, labels, data, out_dir, overwrite=True, data_dir=data_dir,
+                  metrics=extra)
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def _start_state(work: Path, key: str, resume: bool, model, opts, gen, progress: bool) -> FitState:
+    """A fresh loop state, or the checkpointed one of an interrupted training (``resume``)."""
     ckpt = work / CHECKPOINT
-    start, stopped = 1, False
+    state = FitState()
     if resume and ckpt.is_file():
-        st, best_state = _load_checkpoint(ckpt, model, opts, gen)
-        if st.get("key") != key:
+        saved, best_state = _load_checkpoint(ckpt, model, opts, gen)
+        if saved.get("key") != key:
             raise DLPError(f"{work}: the interrupted training used other data or options "
                            f"(rerun without --resume to start over)")
-        start, history, bad, best_epoch, stopped = st["epoch"] + 1, st["history"], st["bad"], st["best_epoch"], \
-            st["stopped"]
-        best = tuple(st["best"])
+        fields = {f.name for f in dataclasses.fields(FitState)}
+        state = FitState(**{k: v for k, v in saved.items() if k in fields}, best_state=best_state)
+        state.best = tuple(state.best)
         if progress:
-            print(f"resuming router training after epoch {st['epoch']}")
+            print(f"resuming router training after epoch {state.epoch}")
     else:
         shutil.rmtree(work, ignore_errors=True)     # a stale checkpoint of other options/data
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DLPError(f"{work}: cannot create the checkpoint folder ({e.strerror or e.__class__.__name__})") from None
-    resumed_from = start - 1
-    last_save = time.time()
-    bar = tqdm(range(start, config.epochs + 1) if not stopped else [], desc="train router", disable=not progress,
-               unit="epoch", initial=start - 1, total=config.epochs)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total, steps = 0.0, 0
-        for i in range(0, n, config.batch_size):
-            idx = perm[i: i + config.batch_size]
-            logits = _forward(model, config.kind, enc["train"], idx, pad_id, config.token_dropout, gen,
-                              config.crop_prob)
-            loss = F.cross_entropy(logits, y["train"][idx])
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            total += float(loss.detach())
-            steps += 1
-        if has_val:
-            vlog = _predict_logits(model, config.kind, enc["val"], 1024, pad_id)
-            vacc, vloss = _accuracy(vlog, y["val"]), float(F.cross_entropy(vlog, y["val"]))
-        else:  # no validation split: keep the last epoch
-            vacc, vloss = float(epoch), 0.0
-        history.append({"epoch": epoch, "train_loss": total / max(steps, 1),
-                        **({"val_accuracy": vacc, "val_loss": vloss} if has_val else {})})
-        bar.set_postfix(loss=f"{total / max(steps, 1):.4f}", **({"val_acc": f"{vacc:.4f}"} if has_val else {}))
-        if vacc > best[0] or (vacc == best[0] and vloss < best[1] - 1e-6):
-            best, best_epoch, bad = (vacc, vloss), epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            stopped = bad >= config.patience
-        if time.time() - last_save >= checkpoint_seconds and not stopped and epoch < config.epochs:
-            _save_checkpoint(ckpt, model, opts, gen, {"key": key, "epoch": epoch, "history": history, "bad": bad,
-                                                      "best_epoch": best_epoch, "best": list(best), "stopped": stopped},
-                             best_state)
-            last_save = time.time()
-        if stopped:
-            break
-    bar.close()
-    train_seconds = time.time() - t0
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    return state
+
+
+def _checkpointer(path: Path, key: str, model, opts, gen, every_seconds: float, epochs: int):
+    """``on_epoch`` callback: checkpoint when ``every_seconds`` have passed since the last one (and the loop goes on)."""
+    last = [time.time()]
+
+    def save(state: FitState) -> None:
+        if time.time() - last[0] >= every_seconds and not state.stopped and state.epoch < epochs:
+            _save_checkpoint(path, model, opts, gen, {"key": key, **state.to_json()}, state.best_state)
+            last[0] = time.time()
+
+    return save
+
+
+def finish_router(model, config: RouterConfig, tok, source: str, labels: list[str], data: Splits,
+                  out_dir: str | os.PathLike, overwrite: bool = False, data_dir=None, metrics: dict | None = None
+                  ) -> Path:
+    """Calibrate a trained router on the validation split, evaluate it and write its folder atomically."""
+    from ..models import tokenizer_identity
+
     model.eval()
     if config.kind == "mlp":
         model.embed.sparse = False
-
-    metrics = _evaluate(model, config.kind, enc, y, labels, pad_id)
-    metrics.update({
-        "kind": config.kind, "params": n_params, "epochs_run": len(history), "best_epoch": best_epoch,
-        "train_seconds": round(train_seconds, 3), "tokenize_seconds": round(tokenize_seconds, 3),
-        "records": {s: len(e) for s, e in enc.items()}, "history": history, "data": str(Path(data_dir).absolute()),
-        "model": str(model_spec), "base_tokenizer": base_id, "tokenizer_source": source,
-        "torch_threads": torch.get_num_threads(), "resumed_from_epoch": resumed_from,
-    })
-    comp = Path(data_dir) / COMPOSITE_FILE
-    if comp.is_file():
-        metrics["composite"] = _composite_metrics(model, config.kind, encoder, comp, labels, pad_id)
-
+    pad_id = _pad_id(model, config.kind)
+    encoder = encoder_for(config, tok, source)
+    logits = {s: _predict_logits(model, config.kind, data.enc[s], 1024, pad_id) for s in SPLITS if len(data.y[s])}
+    temperature = fit_temperature(logits["val"], data.y["val"]) if "val" in logits else 1.0
+    out = {"kind": config.kind, "params": count_params(model), **(metrics or {})}
+    out.update(_evaluate(logits, data.y, labels))
+    calib = _calibration(logits, data.y, temperature)
+    ood = _predict_logits(model, config.kind, encoder.encode([r["text"] for r in read_ood_prompts()]), 1024, pad_id)
+    out["calibration"] = {k: v for k, v in calib.items() if not k.endswith("_bins")}
+    out["fallback"] = _fallback(logits, data.y, ood, temperature)
+    out.update({"records": {s: len(y) for s, y in data.y.items()}, "base_tokenizer": tokenizer_identity(tok),
+                "tokenizer_source": source, "torch_threads": torch.get_num_threads()})
+    comp = Path(data_dir) / COMPOSITE_FILE if data_dir is not None else None
+    if comp is not None and comp.is_file():
+        out["composite"] = _composite_metrics(model, config.kind, encoder, comp, labels, pad_id, temperature)
     resolved = dataclasses.replace(config, vocab_size=len(tok), num_labels=len(labels),
-                                   tokenizer=tokenizer_identity(tok), tokenizer_source=source)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        from safetensors.torch import save_model
+                                   tokenizer=tokenizer_identity(tok), tokenizer_source=source, temperature=temperature)
+    _write_router_dir(Path(out_dir), model, resolved, tok, labels, out, calib, overwrite)
+    return Path(out_dir)
 
+
+def _write_router_dir(out_dir: Path, model, config: RouterConfig, tok, labels: list[str], metrics: dict,
+                      calib: dict, overwrite: bool) -> None:
+    from safetensors.torch import save_model
+
+    split = metrics["confusion_split"]
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_model(model, str(tmp / ROUTER_WEIGHTS))
-        save_config(resolved, tmp / "config.json")
+        save_config(config, tmp / "config.json")
         atomic_write_json(tmp / LABELS_FILE, labels)
         tok.save_pretrained(tmp / "tokenizer")
         if config.kind in HF_KINDS:
             model.config.save_pretrained(tmp / "hf")
         atomic_write_json(tmp / "metrics.json", metrics)
         plot_confusion(metrics["confusion"], labels, tmp / "confusion.png",
-                       title=f"router {config.kind}: {metrics['confusion_split']} accuracy "
-                             f"{metrics.get(metrics['confusion_split'] + '_accuracy', float('nan')):.4f}")
-    shutil.rmtree(work, ignore_errors=True)
-    return out_dir
+                       title=f"router {config.kind}: {split} accuracy "
+                             f"{metrics.get(split + '_accuracy', float('nan')):.4f}")
+        c = metrics["calibration"]
+        plot_reliability(calib.get(f"{c['split']}_bins_before", []), calib.get(f"{c['split']}_bins_after", []),
+                         tmp / "reliability.png",
+                         title=f"{c['split']}: ECE {c.get(c['split'] + '_ece_before', float('nan')):.4f} -> "
+                               f"{c.get(c['split'] + '_ece_after', float('nan')):.4f} (T = {config.temperature:g})")
+        plot_fallback(metrics["fallback"]["curve"], tmp / "fallback.png", SelectionConfig().min_confidence,
+                      title=f"fallback to the base model: {metrics['fallback']['in_domain_split']} prompts vs "
+                            f"{metrics['fallback']['ood_prompts']} out-of-domain prompts")
 
 
-def _evaluate(model, kind: str, enc: dict, y: dict, labels: list[str], pad_id: int) -> dict:
-    out: dict = {}
-    logits = {s: _predict_logits(model, kind, enc[s], 1024, pad_id) for s in ("train", "val", "test") if len(enc[s])}
-    for s, lg in logits.items():
-        out[f"{s}_accuracy"] = _accuracy(lg, y[s])
+def _calibration(logits: dict, y: dict, temperature: float) -> dict:
+    """ECE before/after temperature scaling on val and test (test is the honest figure: T was fitted on val)."""
+    out: dict = {"temperature": temperature, "bins": ECE_BINS, "split": "test" if "test" in logits else "val"}
+    for s in ("val", "test"):
+        if s not in logits:
+            continue
+        for tag, t in (("before", 1.0), ("after", temperature)):
+            p = torch.softmax(logits[s] / t, -1)
+            out[f"{s}_ece_{tag}"] = calibration_error(p, y[s])
+            out[f"{s}_nll_{tag}"] = float(F.cross_entropy(logits[s] / t, y[s]))
+            out[f"{s}_bins_{tag}"] = reliability_bins(p, y[s])
+    return out
+
+
+def _fallback(logits: dict, y: dict, ood_logits: torch.Tensor, temperature: float) -> dict:
+    """The fallback trade-off of this router: held-out in-domain prompts against the packaged OOD prompts."""
+    split = "test" if "test" in logits else ("val" if "val" in logits else "train")
+    curve = fallback_curve(torch.softmax(logits[split] / temperature, -1), torch.softmax(ood_logits / temperature, -1),
+                           y[split])
+    return {"in_domain_split": split, "ood_prompts": len(ood_logits), "curve": curve}
+
+def _evaluate(logits: dict, y: dict, labels: list[str]) -> dict:
+    """Accuracy per split; on test (else val, else train): per-task accuracy, confusion matrix and confusions."""
+    out: dict = {f"{s}_accuracy": _accuracy(lg, y[s]) for s, lg in logits.items()}
     split = "test" if "test" in logits else ("val" if "val" in logits else "train")
     pred, true = logits[split].argmax(-1), y[split]
     n = len(labels)
@@ -345,9 +451,10 @@ def _evaluate(model, kind: str, enc: dict, y: dict, labels: list[str], pad_id: i
     return out
 
 
-def _composite_metrics(model, kind: str, encoder: TokenEncoder, path: Path, labels: list[str], pad_id: int) -> dict:
+def _composite_metrics(model, kind: str, encoder: TokenEncoder, path: Path, labels: list[str], pad_id: int,
+                       temperature: float = 1.0) -> dict:
     """On multi-task composite samples: how many of the sample's tasks are among the router's top-k (k = number
-    of tasks in the sample), and how often top-p 0.8 selection keeps them all (paper Fig. 1 style)."""
+    of tasks in the sample), and how often top-p selection (default top_p) keeps them all (paper Fig. 1 style)."""
     from .select import select_top_p
 
     rows = read_router_file(path, labels, allow_empty=True)
@@ -355,16 +462,17 @@ def _composite_metrics(model, kind: str, encoder: TokenEncoder, path: Path, labe
     if not rows:
         return {}
     enc = encoder.encode([r["text"] for r in rows])
-    probs = torch.softmax(_predict_logits(model, kind, enc, 1024, pad_id), -1)
-    w = select_top_p(probs, 0.8)
+    probs = torch.softmax(_predict_logits(model, kind, enc, 1024, pad_id) / temperature, -1)
+    top_p = SelectionConfig().top_p
+    w = select_top_p(probs, top_p)
     recall, all_kept = [], []
     for i, r in enumerate(rows):
         k = len(r["labels"])
         top = set(probs[i].topk(min(k, probs.shape[1])).indices.tolist())
         recall.append(len(top & set(r["labels"])) / k)
         all_kept.append(all(w[i, j] > 0 for j in r["labels"]))
-    return {"samples": len(rows), "recall_at_k": sum(recall) / len(rows),
-            "top_p_0.8_keeps_all": sum(all_kept) / len(rows)}
+    return {"samples": len(rows), "recall_at_k": sum(recall) / len(rows), "top_p": top_p,
+            f"top_p_{top_p:g}_keeps_all": sum(all_kept) / len(rows)}
 
 
 def plot_confusion(conf: Sequence[Sequence[int]], labels: list[str], out: Path, title: str = "") -> Path:
