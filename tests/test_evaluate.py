@@ -216,10 +216,17 @@ def test_new_systems_and_composite_with_fake_pipeline(tmp_path):
     assert pt["capitals"]["dlp-sentence"]["score"] == 100.0
     assert set(fake.granularities) == {"prompt", "sentence", "segment"}
     assert s["routing"]["system"] == "dlp" and s["routing"]["granularity"] == "prompt"
+    # reuse: single and top1 share one-hot mixtures; dlp-sentence (mixture may change mid-answer) is never
+    # answered from the cache, multitask (its own adapter set) and base / uniform (mixtures no one else has) neither
+    re = s["reuse"]["reused"]
+    assert re["single"] + re["top1"] > 0
+    assert re["dlp-sentence"] == re["multitask"] == re["base"] == re["uniform"] == 0
+    assert all(re[sy] + s["reuse"]["generated"][sy] == 15 for sy in ALL_PER_TASK)
     assert s["target"]["dlp_minus_top1"] == pytest.approx(100 / 15) and s["target"]["dlp_minus_multitask"] == 0.0
 
     comp = s["composite"]["2"]
     assert comp["prompts"] == 4 and comp["skipped"] == {"single": "needs one true task per prompt"}
+    assert comp["scores"]["dlp-segment"]["reused"] == comp["scores"]["oracle-segment"]["reused"] == 0
     fig = {sy: {k: v for k, v in f.items() if k in ("item_score", "all_correct", "format_rate")}
            for sy, f in comp["scores"].items()}
     assert set(fig) == set(ALL_PER_TASK + ["dlp-segment", "oracle-segment"]) - {"single"}
