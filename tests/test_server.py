@@ -500,6 +500,8 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
     assert_one_line_error(cli("serve", "--run", tmp_path, "--top-p", "2"), "--top-p")
     assert_one_line_error(cli("serve", "--run", tmp_path, "--upstream-timeout", "0"), "upstream_timeout_s")
     assert_one_line_error(cli("serve", "--run", tmp_path, "--mixture-mode", "public"), "mixture_mode")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--scheduler", "fifo"), "scheduler", "continuous | static")
+    assert_one_line_error(cli("serve", "--run", tmp_path, "--prefill-chunk", "0"), "prefill_chunk")
     import socket
 
     with socket.socket() as busy:
@@ -539,6 +541,7 @@ def test_cli_serve_runs_a_real_server_on_the_runs_own_base_model(tiny_run):
         r = c.chat.completions.create(model="dlp", messages=[{"role": "user", "content": "What is 1 plus 1?"}],
                                       max_tokens=4)
         assert r.usage.completion_tokens <= 4 and r.dlp_routing
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["scheduler"] == "continuous"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
