@@ -1436,9 +1436,10 @@ def _md_header(results: dict) -> list[str]:
     mi = results["model"]
     L.append(f"- model: {mi['spec']} ({mi.get('name_or_path', '')}; hidden {mi.get('hidden_size')}, "
              f"layers {mi.get('layers')}/{mi.get('full_layers')}, vocab {mi.get('vocab_size')})")
-    L.append(f"- adapters: {s['adapters']}")
-    L.append(f"- prompts: random token ids, {s['prompt_len']} tokens/row; generated {s['new_tokens']} tokens/row "
-             f"(P5: {s['merge_new_tokens']}), same greedy KV-cached loop for every system, no EOS stop")
+    if set(results["rows_run"]) - {"P8"}:   # P8 serves a run of its own (its notes say which)
+        L.append(f"- adapters: {s['adapters']}")
+        L.append(f"- prompts: random token ids, {s['prompt_len']} tokens/row; generated {s['new_tokens']} tokens/row "
+                 f"(P5: {s['merge_new_tokens']}), same greedy KV-cached loop for every system, no EOS stop")
     L += [f"- note: {n}" for n in results["notes"]]
     return L + [""]
 
