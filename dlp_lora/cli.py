@@ -391,13 +391,14 @@ def _p_ui(sub) -> None:
 
 def cmd_make_router_data(args) -> int:
     from .config import RouterDataConfig
-    from .router import fuse_router_files, make_router_data
+    from .router import make_router_data, merge_router_files
 
-    if args.fuse:
+    files, flag = (args.merge, "--merge") if args.merge else (args.fuse, "--fuse")
+    if files:
         if args.adapters or args.data_dir:
-            raise DLPError("make-router-data: --fuse cannot be combined with --adapters/--data-dir")
-        out = fuse_router_files(args.fuse, args.out, overwrite=True)
-        print(f"fused {len(args.fuse)} router files -> {out}")
+            raise DLPError(f"make-router-data: {flag} cannot be combined with --adapters/--data-dir")
+        out = merge_router_files(files, args.out, overwrite=args.overwrite)
+        print(f"merged {len(files)} router files -> {out}")
         return 0
     cfg = RouterDataConfig(per_task=args.per_task, val_frac=args.val_frac, test_frac=args.test_frac,
                            granularity=args.granularity, composite=args.composite, seed=args.seed)
@@ -414,9 +415,10 @@ def _p_make_router_data(sub) -> None:
     p = sub.add_parser("make-router-data", help="build router train/val/test data from task files")
     p.add_argument("--adapters", default=None, help="RUN folder or adapters.txt (label order = adapter order)")
     p.add_argument("--data-dir", default=None, help="folder of task files (label order = file names sorted)")
-    p.add_argument("--fuse", nargs="+", default=None, metavar="FILE",
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
                    help="merge already-labelled router files (or folders) into --out instead")
-    p.add_argument("--out", required=True, help="output folder (or file with --fuse)")
+    p.add_argument("--fuse", nargs="+", default=None, help=argparse.SUPPRESS)  # the former name of --merge
+    p.add_argument("--out", required=True, help="output folder (or file with --merge)")
     p.add_argument("--per-task", type=int, default=0, help="questions per task (default: smallest task's size)")
     p.add_argument("--granularity", choices=("prompt", "sentence"), default="prompt",
                    help="one record per prompt, or per sentence (paper)")
@@ -424,7 +426,7 @@ def _p_make_router_data(sub) -> None:
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction of each task's questions for validation")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction of each task's questions for test")
     p.add_argument("--seed", type=int, default=0, help="sampling/splitting seed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (folder or merged file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_make_router_data)
 
@@ -441,7 +443,8 @@ def cmd_train_router(args) -> int:
     elif args.router != "mlp":
         # transformers: 5e-5 to fine-tune a pretrained checkpoint, 3e-4 for a small one trained from scratch
         kw["learning_rate"] = 5e-5 if args.pretrained else 3e-4
-    for name in ("epochs", "batch_size", "patience", "seed", "max_tokens", "pooling", "token_dropout"):
+    for name in ("epochs", "batch_size", "patience", "seed", "max_tokens", "pooling", "token_dropout", "head_tokens",
+                 "label_smoothing"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     cfg = RouterConfig(kind=args.router, pretrained=args.pretrained or "", **kw)
@@ -482,6 +485,9 @@ def _p_train_router(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="truncate router inputs (default 256)")
     p.add_argument("--pooling", default=None, help="mini-MLP: mean (paper, default) | mean+max")
     p.add_argument("--token-dropout", type=float, default=None, help="mini-MLP: training token dropout (default 0.25)")
+    p.add_argument("--head-tokens", type=int, default=None,
+                   help="mini-MLP: also pool the first N tokens on their own (default 4; 0: the paper's mean only)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="training label smoothing (default 0.1)")
     p.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing router folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training from its checkpoint")
@@ -489,6 +495,57 @@ def _p_train_router(sub) -> None:
                    help="checkpoint after an epoch when this long has passed since the last one (default 10; 0: every epoch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_router)
+
+
+def _print_update(res, verb: str) -> None:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    print(f"{verb} task {res.task!r}" + (f": the run has {len(res.labels)} tasks" if res.labels else "")
+          + (f"; router updated in {res.seconds:.1f}s" if res.seconds else ""))
+    if res.old_accuracy_before is not None:
+        print(f"other tasks' test accuracy: {pct(res.old_accuracy_before)} before, {pct(res.old_accuracy_after)} after"
+              + (f"; {res.task}: {pct(res.new_accuracy)}" if res.new_accuracy is not None else ""))
+
+
+def cmd_add_task(args) -> int:
+    from .router.update import add_task
+
+    res = add_task(args.run, args.data, adapter=args.adapter, task=args.task, max_steps=args.max_steps,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    _print_update(res, "added")
+    print(f"adapter: {res.adapter_dir}")
+    return 0
+
+
+def _p_add_task(sub) -> None:
+    p = sub.add_parser("add-task", help="add a task to a run: its adapter, router data and an updated router")
+    p.add_argument("--run", required=True, help="run folder (adapters.txt, router_data/, router/)")
+    p.add_argument("--data", required=True, help="the task's Q/A file")
+    p.add_argument("--adapter", default=None, help="an existing PEFT LoRA folder for it (default: train one)")
+    p.add_argument("--task", default=None, help="task name (default: the data file's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="LoRA training steps (default: the run's own LoRA settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing RUN/adapters/<task>/ folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_add_task)
+
+
+def cmd_remove_task(args) -> int:
+    from .router.update import remove_task
+
+    res = remove_task(args.run, args.task, progress=not args.no_progress)
+    _print_update(res, "removed")
+    print(f"adapter folder kept: {res.adapter_dir}")
+    return 0
+
+
+def _p_remove_task(sub) -> None:
+    p = sub.add_parser("remove-task", help="remove a task from a run (its adapter folder stays on disk)")
+    p.add_argument("--run", required=True, help="run folder (adapters.txt, router_data/, router/)")
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_remove_task)
 
 
 def cmd_bench(args) -> int:
@@ -505,11 +562,11 @@ def cmd_bench(args) -> int:
 
 
 def _p_bench(sub) -> None:
-    p = sub.add_parser("bench", help="efficiency benchmarks P1-P7 vs PEFT (writes results.json, BENCHMARKS.md)")
+    p = sub.add_parser("bench", help="efficiency benchmarks P1-P7 vs PEFT, P8 the server schedulers (writes results.json, BENCHMARKS.md)")
     p.add_argument("--model", default="tiny", help="tiny | default | a model folder | preset: qwen2-1.5b, "
                    "llama-2-7b, llama-3-8b (random weights, real shapes)")
     p.add_argument("--quick", action="store_true", help="small shapes (< 2 min on 2 CPU cores with the tiny model)")
-    p.add_argument("--only", default="", help="comma list of rows, e.g. P1,P2 (default: all of P1-P7)")
+    p.add_argument("--only", default="", help="comma list of rows, e.g. P1,P2 (default: all of P1-P8)")
     p.add_argument("--run", default=None, help="run folder: benchmark its trained adapters (and router/)")
     p.add_argument("--reps", type=int, default=0, help="repetitions per figure (>= 5; default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default); printed")
@@ -721,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     _p_train_lora(sub)
     _p_make_router_data(sub)
     _p_train_router(sub)
+    _p_add_task(sub)
+    _p_remove_task(sub)
     _p_generate(sub)
     _p_export_mixture(sub)
     _p_eval(sub)
