@@ -562,7 +562,8 @@ def cmd_bench(args) -> int:
 
 
 def _p_bench(sub) -> None:
-    p = sub.add_parser("bench", help="efficiency benchmarks P1-P7 vs PEFT, P8 the server schedulers (writes results.json, BENCHMARKS.md)")
+    p = sub.add_parser("bench", help="efficiency benchmarks P1-P7 vs PEFT, P8 the server schedulers "
+                                     "(writes results.json, BENCHMARKS.md)")
     p.add_argument("--model", default="tiny", help="tiny | default | a model folder | preset: qwen2-1.5b, "
                    "llama-2-7b, llama-3-8b (random weights, real shapes)")
     p.add_argument("--quick", action="store_true", help="small shapes (< 2 min on 2 CPU cores with the tiny model)")
