@@ -22,7 +22,9 @@ Every system answers the **same** samples with the same generation settings (fre
 The recipe (:func:`evaluate`): check the outputs -> open the run -> read the test files -> load the pipelines ->
 per-task samples, every system interleaved per batch (the first system rotates, so machine noise is shared and
 time ratios measured in one run are comparable) -> scores, routing, timing -> composite prompts -> write
-``TestOutputs/<name>/`` atomically. Metrics live in :mod:`dlp_lora.metrics`.
+``TestOutputs/<name>/`` atomically. Metrics live in :mod:`dlp_lora.metrics`. A system whose mixture for a prompt
+is fixed and equal to one another system already generated with reuses that greedy answer
+(:class:`GenerationCache`; ``reuse=False`` / ``--no-reuse`` generates everything).
 """
 
 from __future__ import annotations
