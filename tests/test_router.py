@@ -12,7 +12,7 @@ import torch
 from conftest import assert_one_line_error
 from dlp_lora.config import DLPError, RouterConfig, RouterDataConfig
 from dlp_lora.data import split_sentences
-from dlp_lora.router import MiniMLPRouter, Router, fuse_router_files, make_router_data, train_router
+from dlp_lora.router import MiniMLPRouter, Router, make_router_data, merge_router_files, train_router
 from dlp_lora.router.data import read_router_data
 
 SPLITS = ("train", "val", "test")
@@ -149,7 +149,7 @@ def test_adapters_list_defines_label_order(toy, tmp_path):
     assert all(order[r["label"]] == r["task"] for r in read_split(out, "train"))
 
 
-def test_fuse_router_files_reindexes_by_task(toy, tmp_path):
+def test_merge_router_files_reindexes_by_task(toy, tmp_path):
     d1 = tmp_path / "t1"
     d1.mkdir()
     d2 = tmp_path / "t2"
@@ -160,15 +160,48 @@ def test_fuse_router_files_reindexes_by_task(toy, tmp_path):
         (d2 / f"{n}.json").write_text((toy / f"{n}.json").read_text())
     a = make_router_data(tmp_path / "a", data_dir=d1, progress=False)
     b = make_router_data(tmp_path / "b", data_dir=d2, config=RouterDataConfig(seed=3), progress=False)
-    out = fuse_router_files([a / "train.jsonl", b / "train.jsonl"], tmp_path / "f" / "train.jsonl")
+    out = merge_router_files([a / "train.jsonl", b / "train.jsonl"], tmp_path / "f" / "train.jsonl")
     labels = json.loads((out.parent / "labels.json").read_text())
     assert labels == ["arith", "capital", "sentiment"]
     rows = read_split(out.parent, "train")
     assert all(labels[r["label"]] == r["task"] for r in rows)
     assert len({(r["text"], r["task"]) for r in rows}) == len(rows)
-    # folders: every split fused, labels consistent
-    fused = fuse_router_files([a, b], tmp_path / "fd")
-    assert read_router_data(fused)[0] == ["arith", "capital", "sentiment"]
+    # folders: every split merged, labels consistent
+    merged = merge_router_files([a, b], tmp_path / "fd")
+    assert read_router_data(merged)[0] == ["arith", "capital", "sentiment"]
+
+
+def test_merge_never_loses_data(toy, tmp_path, cli):
+    """An existing output is kept unless --overwrite; the output is never an input (nor holds one); a labels.json
+    that belongs to files already in the output's folder is never rewritten."""
+    a = make_router_data(tmp_path / "a", data_dir=toy, config=RouterDataConfig(per_task=20), progress=False)
+    b = make_router_data(tmp_path / "b", data_dir=toy, config=RouterDataConfig(per_task=20, seed=1), progress=False)
+    out = tmp_path / "m" / "train.jsonl"
+    assert cli("make-router-data", "--merge", a / "train.jsonl", b / "train.jsonl", "--out", out).code == 0
+    before = out.read_bytes()
+    res = cli("make-router-data", "--merge", a / "val.jsonl", b / "val.jsonl", "--out", out)
+    assert_one_line_error(res, str(out), "already exists", "--overwrite")
+    assert out.read_bytes() == before
+    assert cli("make-router-data", "--merge", a / "val.jsonl", b / "val.jsonl", "--out", out, "--overwrite").code == 0
+    assert out.read_bytes() != before
+    res = cli("make-router-data", "--merge", a / "train.jsonl", b / "train.jsonl", "--out", a / "train.jsonl",
+              "--overwrite")
+    assert_one_line_error(res, "is one of the inputs")
+    res = cli("make-router-data", "--merge", a, b, "--out", tmp_path, "--overwrite")      # a folder holding inputs
+    assert_one_line_error(res, "is one of the inputs")
+    assert read_router_data(a)[0] == ["arith", "capital", "sentiment", "translate"]
+    # a labels.json beside the output that does not list every merged task is refused, never rewritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "labels.json").write_text('["arith"]')
+    res = cli("make-router-data", "--merge", a / "test.jsonl", b / "test.jsonl", "--out", other / "test.jsonl")
+    assert_one_line_error(res, "labels.json", "capital")
+    assert (other / "labels.json").read_text() == '["arith"]' and not (other / "test.jsonl").exists()
+    # folders: refused onto an existing folder without --overwrite; the former --fuse spelling still works
+    res = cli("make-router-data", "--merge", a, b, "--out", tmp_path / "m")
+    assert_one_line_error(res, "already exists")
+    assert cli("make-router-data", "--fuse", a, b, "--out", tmp_path / "fd").code == 0
+    assert read_router_data(tmp_path / "fd")[0] == ["arith", "capital", "sentiment", "translate"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,10 +429,10 @@ def test_cli_end_to_end(cli, toy, tmp_path, tiny_model_path):
     assert (tmp_path / "router" / "confusion.png").is_file()
     res = cli("train-router", "--data", tmp_path / "rd", "--model", tiny_model_path, "--out", tmp_path / "router")
     assert_one_line_error(res, "already exists")
-    res = cli("make-router-data", "--fuse", tmp_path / "rd" / "train.jsonl", tmp_path / "rd" / "val.jsonl",
-              "--out", tmp_path / "fused" / "train.jsonl")
+    res = cli("make-router-data", "--merge", tmp_path / "rd" / "train.jsonl", tmp_path / "rd" / "val.jsonl",
+              "--out", tmp_path / "merged" / "train.jsonl")
     assert res.code == 0, res
-    assert json.loads((tmp_path / "fused" / "labels.json").read_text()) == ["arith", "capital", "sentiment", "translate"]
+    assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == ["arith", "capital", "sentiment", "translate"]
 
 
 def test_cli_bad_inputs(cli, toy, tmp_path, tiny_model_path):
@@ -433,3 +466,221 @@ def test_cli_bad_inputs(cli, toy, tmp_path, tiny_model_path):
     res = cli("train-router", "--data", bad, "--model", tiny_model_path, "--out", tmp_path / "r")
     assert_one_line_error(res, "train.jsonl: line 1", "label")
     assert not (tmp_path / "r").exists()
+
+
+# Head pooling, calibration, fallback to the base model
+
+def test_head_pooling_reads_the_first_tokens(tiny):
+    _, tok = tiny
+    m = MiniMLPRouter(len(tok), 5, head_tokens=2).eval()
+    assert 4_500_000 < sum(p.numel() for p in m.parameters()) < 5_500_000     # the same table: ~5M as the paper
+    ids, offsets = torch.tensor([5, 9, 11, 7, 8]), torch.tensor([0, 3, 4])     # texts of 3, 1 and 1 tokens
+    e = m.embed.weight
+    with torch.no_grad():
+        ref = torch.stack([m.mlp(torch.cat([e[[5, 9, 11]].mean(0), e[[5, 9]].mean(0)])),
+                           m.mlp(torch.cat([e[7], e[7]])), m.mlp(torch.cat([e[8], e[8]]))])
+        assert torch.allclose(m(ids, offsets), ref, atol=1e-5)
+        assert torch.allclose(m.infer(ids, offsets), ref, atol=1e-5)
+        assert torch.allclose(m.infer(ids[:3], offsets[:1]), ref[:1], atol=1e-5)   # batch 1 path
+
+
+def test_resized_router_keeps_the_other_rows(tiny):
+    _, tok = tiny
+    torch.manual_seed(0)
+    m = MiniMLPRouter(len(tok), 4, embed_dim=8, hidden_dim=16, head_tokens=2).eval()
+    ids, offsets = torch.tensor([5, 9, 11, 7, 8, 100]), torch.tensor([0, 3])
+    with torch.no_grad():
+        old = m(ids, offsets)
+        shrunk, grown = m.resized([0, 2, 3]).eval(), m.resized([0, 1, 2, 3], extra=1).eval()
+        assert torch.allclose(shrunk(ids, offsets), old[:, [0, 2, 3]], atol=1e-6)
+        assert grown(ids, offsets).shape == (2, 5) and torch.allclose(grown(ids, offsets)[:, :4], old, atol=1e-6)
+
+
+def test_temperature_scaling_fits_and_keeps_the_argmax(trained):
+    from dlp_lora.router.calibrate import calibration_error, fit_temperature
+
+    torch.manual_seed(0)
+    logits = 2.0 * torch.randn(4000, 5)
+    y = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]          # softmax(logits) is calibrated by design
+    overconfident = 4.0 * logits
+    t = fit_temperature(overconfident, y)
+    assert 3.5 < t < 4.5                                                      # undoes the x4 sharpening
+    before = calibration_error(torch.softmax(overconfident, -1), y)
+    after = calibration_error(torch.softmax(overconfident / t, -1), y)
+    assert after < before / 3
+    # a trained router: the fitted temperature is stored, Router.probs applies it, the argmax never changes
+    data, out = trained
+    r = Router.load(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert r.temperature == cfg["temperature"] > 0
+    texts = [x["text"] for x in read_split(data, "test")] + ["Tell me a joke about penguins.", "hi"]
+    logits, probs = r.logits(texts), r.probs(texts)
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+    assert torch.allclose(probs, torch.softmax(logits / r.temperature, -1), atol=1e-6)
+    m = json.loads((out / "metrics.json").read_text())
+    c = m["calibration"]
+    assert c["temperature"] == cfg["temperature"] and {"val_ece_before", "val_ece_after", "test_ece_after"} <= set(c)
+    assert m["fallback"]["ood_prompts"] >= 300 and len(m["fallback"]["curve"]) > 10
+    for f in ("reliability.png", "fallback.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fallback_to_base_exactly_below_the_threshold(tiny_run, tiny_model_path):
+    """The pipeline sends a prompt to the base model (all-zero weights) exactly when its calibrated top-1
+    probability is under min_confidence."""
+    from dlp_lora.pipeline import DLPPipeline
+    from dlp_lora.selection import SelectionConfig
+
+    pipe = DLPPipeline.from_run(tiny_run, model=tiny_model_path)
+    texts = ["What is 17 + 25?", "Sort these words: pear kiwi plum", "What is the capital of Peru?",
+             "hello there, how are you?", "Write a poem about the sea.", "How do I reverse a list in Python?"]
+    probs = pipe.router.probs(texts)
+    assert torch.allclose(probs, torch.softmax(pipe.router.logits(texts) / pipe.router.temperature, -1), atol=1e-6)
+    top = probs.max(-1).values
+    for t in [0.0, float(top.min()), float(top.median()), float(top.max()), float(top.max()) + 1e-4, 1.0]:
+        p, w = pipe.route(texts, SelectionConfig(min_confidence=min(t, 1.0), granularity="prompt"))
+        assert torch.equal(p, probs)
+        to_base = w.sum(-1) == 0
+        assert torch.equal(to_base, p.max(-1).values < min(t, 1.0)), t
+        assert torch.allclose(w[~to_base].sum(-1), torch.ones(int((~to_base).sum())), atol=1e-5)
+
+
+def test_old_router_folders_still_load(trained, tmp_path):
+    """A router saved before head pooling and calibration (no head_tokens/temperature in config.json) loads as
+    it was trained: mean pooling only, temperature 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    data, out = trained
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for k in ("head_tokens", "temperature", "label_smoothing"):
+        cfg.pop(k)
+    (old / "config.json").write_text(json.dumps(cfg))
+    w = load_file(str(old / "router.safetensors"))
+    w["mlp.0.weight"] = w["mlp.0.weight"][:, : cfg["embed_dim"]].contiguous()    # the paper's mean-only input
+    save_file(w, str(old / "router.safetensors"))
+    r = Router.load(old)
+    assert r.config.head_tokens == 0 and r.temperature == 1.0 and r.probs(["What is 1 + 1?"]).shape == (1, 4)
+
+
+# Adding and removing a task of a run
+
+def _copy_run(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _router_rows(run, texts):
+    r = Router.load(run / "router")
+    return r.labels, r.logits(texts)
+
+
+def test_add_and_remove_task_keep_the_other_labels_and_adapters(tiny_run, tmp_path, cli):
+    from dlp_lora.run import open_run
+    from dlp_lora.tasks import write_builtin_tasks
+
+    run = _copy_run(tiny_run, tmp_path)
+    before = open_run(run)
+    names = list(before.names)
+    write_builtin_tasks(tmp_path / "more", n=30, seed=1, tasks=["counting"])
+    res = cli("add-task", "--run", run, "--data", tmp_path / "more" / "counting.json", "--max-steps", "1",
+              "--no-progress")
+    assert res.code == 0, res
+    assert "added task 'counting'" in res.out and "other tasks' test accuracy" in res.out
+    after = open_run(run)
+    assert after.names == names + ["counting"] and after.adapter_dirs[:-1] == before.adapter_dirs
+    assert after.adapter_dirs[-1] == (run / "adapters" / "counting").absolute()
+    assert Router.load(run / "router").labels == names + ["counting"]
+    assert json.loads((run / "router_data" / "labels.json").read_text()) == names + ["counting"]
+    old_rows = read_split(tiny_run / "router_data", "train")
+    new_rows = read_split(run / "router_data", "train")
+    assert new_rows[: len(old_rows)] == old_rows                                # old records untouched
+    assert {r["task"] for r in new_rows[len(old_rows):]} == {"counting"}
+    assert json.loads((run / "router" / "metrics.json").read_text())["update"]["task"] == "counting"
+    # remove a task in the middle: the others keep their order, and their router rows are unchanged
+    texts = ["What is 3 + 4?", "Sort: b a c", "How many fruits: kiwi, plum?"]
+    labels, logits = _router_rows(run, texts)
+    res = cli("remove-task", "--run", run, "--task", names[1], "--no-progress")
+    assert res.code == 0, res
+    kept = [n for n in labels if n != names[1]]
+    assert open_run(run).names == kept
+    labels2, logits2 = _router_rows(run, texts)
+    assert labels2 == kept and torch.allclose(logits2, logits[:, [labels.index(n) for n in kept]], atol=1e-5)
+    assert (run / "adapters" / names[1]).is_dir()                               # the adapter folder stays
+    assert not (run / ".update.partial").exists()
+    # the run still loads as a whole (router labels == adapters)
+    from dlp_lora.pipeline import DLPPipeline
+
+    assert DLPPipeline.from_run(run).names == kept
+
+
+def test_add_task_with_an_existing_adapter_and_refusals(tiny_run, tmp_path, cli):
+    run = _copy_run(tiny_run, tmp_path)
+    data = run.parent / "data"
+    import shutil
+
+    shutil.copytree(tiny_run.parent / "data", data)
+    names = json.loads((run / "router" / "labels.json").read_text())
+    res = cli("add-task", "--run", run, "--data", data / f"{names[0]}.json", "--no-progress")
+    assert_one_line_error(res, "adapters.txt", names[0], "already in the run")
+    # an existing PEFT adapter, re-labelled as a new task (copied into the run with a dlp_task.json)
+    (tmp_path / "cp.json").write_text((data / f"{names[0]}.json").read_text())
+    res = cli("add-task", "--run", run, "--data", tmp_path / "cp.json", "--adapter", run / "adapters" / names[0],
+              "--no-progress")
+    assert res.code == 0, res
+    meta = json.loads((run / "adapters" / "cp" / "dlp_task.json").read_text())
+    assert meta["task"] == "cp" and meta["data_file"] == str((tmp_path / "cp.json").resolve())
+    assert Router.load(run / "router").labels == names + ["cp"]
+    # a folder already at adapters/<task> is not replaced without --overwrite
+    (run / "adapters" / "cp2").mkdir()
+    (tmp_path / "cp2.json").write_text((data / f"{names[0]}.json").read_text())
+    res = cli("add-task", "--run", run, "--data", tmp_path / "cp2.json", "--adapter", run / "adapters" / names[0])
+    assert_one_line_error(res, "cp2", "already exists", "--overwrite")
+    # an adapter of another base model is refused before anything is written
+    from safetensors.torch import load_file, save_file
+
+    alien = tmp_path / "alien"
+    shutil.copytree(run / "adapters" / names[0], alien)
+    w = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v) for k, v in
+         load_file(str(alien / "adapter_model.safetensors")).items()}
+    save_file(w, str(alien / "adapter_model.safetensors"))
+    res = cli("add-task", "--run", run, "--data", tmp_path / "cp2.json", "--adapter", alien, "--overwrite")
+    assert_one_line_error(res, "adapter_model.safetensors", "another base model")
+    res = cli("remove-task", "--run", run, "--task", "nope")
+    assert_one_line_error(res, "no task 'nope'")
+    assert Router.load(run / "router").labels == names + ["cp"]
+
+
+def test_interrupted_update_leaves_the_run_or_is_finished_next_time(tiny_run, tmp_path, monkeypatch):
+    """Killed while building: the run is as it was. Killed while moving the new files in: the next command
+    finishes the move first, so router labels and adapters.txt always end up matching."""
+    import dlp_lora.router.update as update
+    from dlp_lora.run import open_run
+
+    run = _copy_run(tiny_run, tmp_path)
+    names = open_run(run).names
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update, "finish_router", crash)              # while building the new router
+    with pytest.raises(KeyboardInterrupt):
+        update.remove_task(run, names[0], progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".update" not in str(p)} == \
+        {p: b for p, b in snapshot.items() if ".update" not in str(p)}
+    monkeypatch.undo()
+    monkeypatch.setattr(update, "write_adapter_list", crash)         # after the router moved, before adapters.txt
+    with pytest.raises(KeyboardInterrupt):
+        update.remove_task(run, names[0], progress=False)
+    assert Router.load(run / "router").labels == names[1:] and open_run(run).names == names   # half-way
+    monkeypatch.undo()
+    res = update.remove_task(run, names[0], progress=False)            # the same command again finishes it
+    assert res.task == names[0] and open_run(run).names == names[1:]
+    assert Router.load(run / "router").labels == names[1:] and not (run / ".update.partial").exists()
