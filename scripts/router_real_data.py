@@ -36,9 +36,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dlp_lora.router.calibrate import FALLBACK_THRESHOLDS  # noqa: E402  (after the sys.path line)
+
 BBH_ONLY_DROP = ("gsm8k", "strategyqa", "abstract_narrative_understanding", "disfl_qa")
 ADD_TASKS = "strategyqa,snarks,web_of_lies"       # the confusable yes/no-style tasks, added last
-IN_DOMAIN_LOSS = 0.01       # default min_confidence: the largest threshold sending <= 1% of in-domain prompts to base
+IN_DOMAIN_LOSS = 0.01       # default min_confidence: the largest threshold sending <= 1% of in-domain inputs to base
 ABLATIONS = {               # name -> RouterConfig changes (the default recipe is head_tokens=4, label_smoothing=0.1)
     "paper mini-MLP (mean only, no label smoothing)": {"head_tokens": 0, "label_smoothing": 0.0},
     "+ label smoothing 0.1 only": {"head_tokens": 0},
@@ -54,6 +56,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.from_report:
+        write_results(json.loads(Path(args.from_report).read_text()), Path(args.out_md))
+        return 0
     if args.speed_only:
         print(json.dumps(measure_speed(Path(args.speed_only), Path(args.work) / "router_data" / "test.jsonl"), indent=2))
         return 0
@@ -91,6 +96,8 @@ def _parse():
     ap.add_argument("--model", default="default", help="base model whose tokenizer the router reads")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (fixed and printed, DESIGN §7)")
     ap.add_argument("--speed-only", default=None, metavar="ROUTER_DIR", help="only measure Router.probs speed")
+    ap.add_argument("--from-report", default=None, metavar="REPORT_JSON",
+                    help="only rewrite the page and figures from the report.json of an earlier run")
     return ap.parse_args()
 
 
@@ -204,30 +211,42 @@ def fallback_report(runs: list[dict], work: Path, tasks: Path, args) -> dict:
     implies, and the same thresholds applied per sentence (the pipeline's default granularity)."""
     curves = [m["fallback"]["curve"] for m in runs]
     mean = [{k: statistics.mean(c[i][k] for c in curves) for k in curves[0][i]} for i in range(len(curves[0]))]
-    ok = [r["threshold"] for r in mean if r["in_domain_to_base"] <= IN_DOMAIN_LOSS]
-    chosen = max(ok) if ok else 0.0
     sent_runs = train_seeds(tasks, work / "router_data_sentence", work, [0], args, tag="sentence",
                             granularity="sentence")
-    return {"curves": curves, "mean": mean, "chosen": chosen, "rule": f"in-domain prompts to base <= {IN_DOMAIN_LOSS:.0%}",
-            "by_kind": _ood_by_kind(runs[0]["router"], chosen),
+    return {"curves": curves, "mean": mean,
+            "by_kind": _ood_by_kind(runs[0]["router"]),
             "sentences_prompt_router": _sentence_fallback(runs[0]["router"], work / "router_data", "prompt"),
             "sentences_sentence_router": _sentence_fallback(sent_runs[0]["router"], work / "router_data_sentence",
                                                             "sentence"),
             "sentence_router": {k: sent_runs[0][k] for k in ("test_accuracy", "records")}}
 
 
-def _ood_by_kind(router_dir: str, threshold: float) -> dict:
+def choose_default(fb: dict) -> tuple[float, float]:
+    """(default min_confidence, threshold for whole-prompt routing): the largest grid thresholds that send at
+    most IN_DOMAIN_LOSS of in-domain inputs to base - for the default, both whole prompts and single sentences
+    (the pipeline's default granularity, with the default prompt-trained router); for the other, prompts only."""
+    sent = {round(r["threshold"], 2): r["in_domain_to_base"] for r in fb["sentences_prompt_router"]}
+    prompt_ok = [r["threshold"] for r in fb["mean"] if r["in_domain_to_base"] <= IN_DOMAIN_LOSS]
+    both_ok = [t for t in prompt_ok if sent.get(round(t, 2), 1.0) <= IN_DOMAIN_LOSS]
+    return (max(both_ok) if both_ok else 0.0), (max(prompt_ok) if prompt_ok else 0.0)
+
+
+def _ood_by_kind(router_dir: str) -> dict:
+    """For each threshold: the share of each kind of OOD prompt sent to base."""
     import torch
 
     from dlp_lora.router.calibrate import read_ood_prompts
 
     rows = read_ood_prompts()
     logits, t = _logits(router_dir, [r["text"] for r in rows])
-    top = torch.softmax(logits / t, -1).max(-1).values
-    kinds: dict[str, list[bool]] = {}
-    for r, p in zip(rows, top.tolist()):
-        kinds.setdefault(r["kind"], []).append(p < threshold)
-    return {k: sum(v) / len(v) for k, v in kinds.items()}
+    top = torch.softmax(logits / t, -1).max(-1).values.tolist()
+    out = {}
+    for th in FALLBACK_THRESHOLDS:
+        kinds: dict[str, list[bool]] = {}
+        for r, p in zip(rows, top):
+            kinds.setdefault(r["kind"], []).append(p < th)
+        out[f"{th:g}"] = {k: sum(v) / len(v) for k, v in kinds.items()}
+    return out
 
 
 def _sentence_fallback(router_dir: str, data_dir: Path, granularity: str) -> list[dict]:
@@ -353,7 +372,7 @@ def write_results(rep: dict, md_path: Path) -> None:
     plot_reliability(cal["bins_before"], cal["bins_after"], png["reliability"],
                      title="21 real tasks, test prompts of the 3 seeds pooled")
     fb = rep["fallback"]
-    plot_fallback(fb["mean"], png["fallback"], fb["chosen"],
+    plot_fallback(fb["mean"], png["fallback"], choose_default(fb)[0],
                   title=f"21 real tasks: test prompts vs {runs[0]['fallback']['ood_prompts']} out-of-domain prompts "
                         f"(mean of {len(runs)} seeds)")
     lines = _md_header(rep) + _md_accuracy(rep) + _md_other_sets(rep) + _md_calibration(rep, png) + \
@@ -428,31 +447,39 @@ def _md_calibration(rep: dict, png: dict) -> list[str]:
 
 def _md_fallback(rep: dict, png: dict) -> list[str]:
     fb = rep["fallback"]
-    show = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+    chosen, prompt_t = choose_default(fb)
+    show = sorted({0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, chosen, prompt_t})
     by_t = {round(r["threshold"], 2): r for r in fb["mean"]}
     sp = {round(r["threshold"], 2): r for r in fb["sentences_prompt_router"]}
     ss = {round(r["threshold"], 2): r for r in fb["sentences_sentence_router"]}
     rows = [f"| {t:g} | {_pct(by_t[t]['ood_to_base'])} | {_pct(by_t[t]['in_domain_to_base'])} | "
             f"{_pct(sp[t]['ood_to_base'])} / {_pct(sp[t]['in_domain_to_base'])} | "
-            f"{_pct(ss[t]['ood_to_base'])} / {_pct(ss[t]['in_domain_to_base'])} |" for t in show if t in by_t]
-    kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in fb["by_kind"].items())
+            f"{_pct(ss[t]['ood_to_base'])} / {_pct(ss[t]['in_domain_to_base'])} |" for t in show if round(t, 2) in by_t]
+    kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in fb["by_kind"].get(f"{prompt_t:g}", {}).items())
     return ["### No adapter fits: falling back to the base model", "",
-            f"`min_confidence` sends a prompt to the base model when its calibrated top-1 probability is below it. "
-            f"Out-of-domain: the {rep['main'][0]['fallback']['ood_prompts']} prompts of "
+            f"`min_confidence` sends a routed input to the base model when its calibrated top-1 probability is below "
+            f"it. Out-of-domain: the {rep['main'][0]['fallback']['ood_prompts']} prompts of "
             "`dlp_lora/router/ood_prompts.jsonl` (small talk, writing, code, cooking, travel, health, finance, "
             "science, history, advice, language, tech support, opinions, planning, and 20 near misses such as "
-            "\"What's a good movie to watch tonight?\"); in-domain: the held-out test prompts. Mean of the seeds.", "",
-            "| min_confidence | OOD prompts -> base % | in-domain prompts -> base % | per sentence, prompt router: "
-            "OOD / in-domain % | per sentence, sentence router: OOD / in-domain % |", "|---:|---:|---:|---:|---:|",
-            *rows, "",
-            f"**Default chosen: `min_confidence = {fb['chosen']:g}`** (rule: the largest threshold with "
-            f"{fb['rule']}, prompts routed whole). At it, OOD prompts sent to base by kind (seed 0): {kinds}.", "",
-            "Per sentence (the pipeline's default granularity) the same thresholds separate much less: single "
-            "sentences such as \"Options:\" carry little task signal, so in-domain sentences are about as unsure as "
-            "out-of-domain ones; a router trained on sentences (`make-router-data --granularity sentence`, "
-            f"{_pct(fb['sentence_router']['test_accuracy'])} % sentence accuracy) separates better than the "
-            "prompt-trained one. Use `--granularity prompt` where falling back matters.", "",
-            f"Trade-off curve: [{png['fallback'].name}]({png['fallback'].name}).", ""]
+            "\"What's a good movie to watch tonight?\"); in-domain: the held-out test prompts. Whole prompts: mean "
+            "of the seeds; per sentence: every sentence routed alone, as the pipeline's default granularity does "
+            "(seed 0 of the prompt-trained router, and a router trained on sentences).", "",
+            "| min_confidence | whole prompts: OOD -> base % | whole prompts: in-domain -> base % | per sentence, "
+            "prompt router: OOD / in-domain % | per sentence, sentence router: OOD / in-domain % |",
+            "|---:|---:|---:|---:|---:|", *rows, "",
+            f"Whole prompts separate well: at **{prompt_t:g}** about {_pct(by_t[round(prompt_t, 2)]['ood_to_base'])} % "
+            f"of the out-of-domain prompts fall back while at most {IN_DOMAIN_LOSS:.0%} of in-domain prompts do"
+            + (f" (by kind: {kinds})" if kinds else "") + ". Single sentences do not: a sentence such as "
+            "\"Options:\" or \"(B) 12/25/1937\" carries little task signal, so in-domain sentences are about as "
+            "unsure as out-of-domain ones, and a high threshold sends many of them - often the prompt's last "
+            "sentence, whose mixture starts the answer - to the base model. A router trained on sentences "
+            f"({_pct(rep['fallback']['sentence_router']['test_accuracy'])} % sentence accuracy) separates better, "
+            "not enough.", "",
+            f"**Default: `min_confidence = {chosen:g}`** - the largest threshold that sends at most "
+            f"{IN_DOMAIN_LOSS:.0%} of in-domain inputs to base both as whole prompts and sentence by sentence, since "
+            "one default serves both granularities and sentence is the pipeline's default. Where falling back "
+            f"matters, route whole prompts: `--granularity prompt --min-confidence {prompt_t:g}`.", "",
+            f"Trade-off curve (whole prompts, default marked): [{png['fallback'].name}]({png['fallback'].name}).", ""]
 
 
 def _md_add(rep: dict) -> list[str]:
