@@ -56,7 +56,7 @@ def test_quick_demo_interrupted_resumed_and_reused(tmp_path, cfg, monkeypatch, c
     expected |= {f"router_data/{f}" for f in ("train.jsonl", "val.jsonl", "test.jsonl", "labels.json", "config.json",
                                              "stats.json")}
     expected |= {f"router/{f}" for f in ("router.safetensors", "config.json", "labels.json", "metrics.json",
-                                        "confusion.png")}
+                                        "confusion.png", "reliability.png", "fallback.png")}
     expected |= {f"eval/{f}" for f in ("summary.json", "summary.md", "predictions.jsonl", "config.json",
                                       "plots/scores.png", "plots/routing_confusion.png", "plots/time_ratios.png")}
     tokenizer_files = {f for f in files if f.startswith("router/tokenizer/")}
