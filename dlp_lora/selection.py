@@ -27,7 +27,7 @@ class SelectionConfig:
     top_p: float = 0.8                  # keep tasks until their cumulative probability reaches top_p (paper: 0.8)
     weighting: str = "paper"            # "paper": softmax over kept probs (Eq. 5); "renorm": kept / their sum
     max_adapters: int = 0               # cap on kept adapters per row (0 = no cap)
-    min_confidence: float = 0.0         # below this top-1 probability the row uses the base model (0 = never)
+    min_confidence: float = 0.3         # calibrated top-1 below this: base model (0 = never; docs/router_results.md)
     granularity: str = "sentence"       # prompt | sentence (paper) | segment (per numbered question)
 
     def __post_init__(self) -> None:

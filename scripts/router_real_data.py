@@ -293,7 +293,8 @@ def add_task_report(tasks: Path, work: Path, name: str, args) -> dict:
     t1 = time.time()
     update_router_files(base, base / ".stage2", ("remove", name), None, "", labels + [name])
     report = {"task": name, "seconds": round(seconds, 1), "remove_seconds": round(time.time() - t1, 1),
-              "extra_questions": len(extra), "extra_before": before, "extra_after": after, **res}
+              "extra_questions": len(extra), "extra_before": before, "extra_after": after,
+              "old_test_records": sum(1 for r in _split(base / "router_data", "test") if r["task"] != name), **res}
     print(f"add {name}: {report}")
     return report
 
@@ -483,18 +484,27 @@ def _md_fallback(rep: dict, png: dict) -> list[str]:
 
 
 def _md_add(rep: dict) -> list[str]:
-    rows = [f"| {a['task']} | {a['seconds']:.1f} | {a['remove_seconds']:.1f} | "
-            f"{_pct(a['old_tasks_test_accuracy_before'])} -> {_pct(a['old_tasks_test_accuracy_after'])} | "
-            f"{_pct(a['extra_before'])} -> {_pct(a['extra_after'])} ({a['extra_questions']}) | "
-            f"{_pct(a['new_task_test_accuracy'])} |" for a in rep["add"]]
+    rows = []
+    for a in rep["add"]:
+        n_test = a.get("old_test_records") or rep["main"][0]["records"]["test"] * 20 // 21
+        both = [(a[f"old_tasks_test_accuracy_{k}"] * n_test + a[f"extra_{k}"] * a["extra_questions"])
+                / (n_test + a["extra_questions"]) for k in ("before", "after")]
+        rows.append(f"| {a['task']} | {a['seconds']:.1f} | {a['remove_seconds']:.1f} | "
+                    f"{_pct(a['old_tasks_test_accuracy_before'])} -> {_pct(a['old_tasks_test_accuracy_after'])} | "
+                    f"{_pct(a['extra_before'])} -> {_pct(a['extra_after'])} | {_pct(both[0])} -> {_pct(both[1])} "
+                    f"({100 * (both[1] - both[0]):+.2f}) | {_pct(a['new_task_test_accuracy'])} |")
+    n_test = rep["add"][0].get("old_test_records", 360) if rep["add"] else 360
     return ["### Adding a task without starting over", "",
             "Each task below was left out, a router trained on the other 20 (seed 0), and the task added the way "
             "`dlp-lora add-task` does (router data extended, output layer grown by one row, warm-start fine-tune, "
             "recalibration, files written), then removed again as `remove-task` does. Times are the router side "
-            "(the LoRA is trained or copied separately); accuracy of the other 20 tasks on their test prompts and on "
-            "every question of theirs the router data did not use (count in brackets).", "",
+            "(the LoRA is trained or copied separately), one CPU thread. The other 20 tasks' accuracy is measured on "
+            f"their {n_test} test prompts (one error = {100 / n_test:.2f} points) and on up to 100 questions per task "
+            "that the router data never used (the count below), and on both together.", "",
             "| added task | add (s) | remove (s) | other tasks, test % | other tasks, unused questions % | "
-            "added task, test % |", "|---|---:|---:|---:|---:|---:|", *rows, ""]
+            "other tasks, both % (change, points) | added task, test % |", "|---|---:|---:|---:|---:|---:|---:|", *rows,
+            "", "Unused questions per added task: " + ", ".join(f"{a['task']} {a['extra_questions']}"
+                                                                 for a in rep["add"]) + ".", ""]
 
 
 def _md_speed(rep: dict) -> list[str]:

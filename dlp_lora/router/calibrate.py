@@ -102,20 +102,23 @@ def fallback_curve(in_domain: torch.Tensor, ood: torch.Tensor, labels: torch.Ten
 
 
 def plot_reliability(before: list[dict], after: list[dict], out: Path, title: str = "") -> Path:
-    """Reliability diagram: accuracy against mean confidence per bin, before and after temperature scaling
-    (marker area ~ number of samples in the bin)."""
+    """Reliability diagram: accuracy against mean confidence per bin, before and after temperature scaling.
+    One marker per non-empty bin, its area growing with the bin's count (printed beside it): a bin of one
+    sample is one sample, not a trend, so no lines join the bins."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig, ax = plt.subplots(figsize=(5.6, 4.8))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
-    for rows, name, color in ((before, "before (T = 1)", "tab:red"), (after, "after temperature scaling", "tab:blue")):
-        if rows:
-            total = sum(r["count"] for r in rows)
-            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "-o", color=color, label=name,
-                    ms=3, lw=1)
-            ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows], color=color, alpha=0.3,
-                       s=[2000 * r["count"] / total for r in rows])
-    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="mean top-1 probability in bin", ylabel="accuracy in bin")
-    ax.legend(loc="upper left", fontsize=8)
+    for rows, name, color, dy in ((before, "before (T = 1)", "tab:red", -0.045),
+                                  (after, "after temperature scaling", "tab:blue", 0.03)):
+        if not rows:
+            continue
+        x, y = [r["confidence"] for r in rows], [r["accuracy"] for r in rows]
+        ax.scatter(x, y, s=[12 + 30 * math.sqrt(r["count"]) for r in rows], color=color, alpha=0.55, label=name)
+        for r in rows:
+            ax.annotate(str(r["count"]), (r["confidence"], r["accuracy"] + dy), fontsize=6, ha="center", color=color)
+    ax.set(xlim=(0, 1.05), ylim=(-0.05, 1.08), xlabel="mean top-1 probability in bin (15 bins)",
+           ylabel="accuracy in bin")
+    ax.legend(loc="upper left", fontsize=8, markerscale=0.4)
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, out)

@@ -32,15 +32,15 @@ def bag_lengths(ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def head_bags(ids: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` tokens of every text as a new flat ``(ids, offsets)`` batch."""
-    n = ids.numel()
-    lens = bag_lengths(ids, offsets)
-    pos = torch.arange(n, device=ids.device) - torch.repeat_interleave(offsets, lens, output_size=n)
-    head_lens = lens.clamp_max(k)
+    """The first ``k`` tokens of every text as a new flat ``(ids, offsets)`` batch (gathered per text: the cost
+    grows with texts x k, not with the tokens of the batch)."""
+    head_lens = bag_lengths(ids, offsets).clamp_max(k)
+    col = torch.arange(k, device=ids.device)
+    take = (offsets[:, None] + col[None, :])[col[None, :] < head_lens[:, None]]
     head_off = torch.zeros_like(offsets)
     if len(offsets) > 1:
         head_off[1:] = head_lens[:-1].cumsum(0)
-    return ids[pos < k], head_off
+    return ids[take], head_off
 
 
 class MiniMLPRouter(nn.Module):
