@@ -60,7 +60,8 @@ def main() -> int:
         write_results(json.loads(Path(args.from_report).read_text()), Path(args.out_md))
         return 0
     if args.speed_only:
-        print(json.dumps(measure_speed(Path(args.speed_only), Path(args.work) / "router_data" / "test.jsonl"), indent=2))
+        test = Path(args.work) / "router_data" / "test.jsonl"
+        print(json.dumps(measure_speed(Path(args.speed_only), test), indent=2))
         return 0
     work = Path(args.work)
     tasks = _convert(args.shared, work / "tasks")
@@ -203,7 +204,8 @@ def calibration_report(runs: list[dict], data_dir: Path) -> dict:
         after.append(torch.softmax(logits / t, -1))
     ys = y.repeat(len(runs))
     return {"seeds": [m["calibration"] for m in runs],
-            "bins_before": reliability_bins(torch.cat(before), ys), "bins_after": reliability_bins(torch.cat(after), ys)}
+            "bins_before": reliability_bins(torch.cat(before), ys),
+            "bins_after": reliability_bins(torch.cat(after), ys)}
 
 
 def fallback_report(runs: list[dict], work: Path, tasks: Path, args) -> dict:
@@ -353,7 +355,8 @@ def measure_speed(router_dir: Path, test_file: Path, n_batched: int = 20000) -> 
             "mean_chars": sum(map(len, sents)) / len(sents),
             "batch1_ms_median": 1000 * lat[len(lat) // 2], "batch1_ms_p10": 1000 * lat[len(lat) // 10],
             "batch1_ms_p90": 1000 * lat[9 * len(lat) // 10],
-            "batched_per_s": n_batched / statistics.median(wall), "batched_per_cpu_s": n_batched / statistics.median(cpu)}
+            "batched_per_s": n_batched / statistics.median(wall),
+            "batched_per_cpu_s": n_batched / statistics.median(cpu)}
 
 
 # The results page
@@ -399,8 +402,8 @@ def _md_header(rep: dict) -> list[str]:
             f"thread(s), a shared 2-core machine).", "",
             f"Mini-MLP router, {m['params']:,} parameters (EmbeddingBag over the SmolLM2-135M-Instruct tokenizer's "
             f"49,152 tokens; mean of all tokens + mean of the first 4 tokens; 4-layer MLP; label smoothing 0.1; "
-            f"temperature fitted on validation). Prompt-level records: {per_task} distinct questions drawn per task (the "
-            f"smallest task's size), split 80/10/10 by question with no question in two splits: "
+            f"temperature fitted on validation). Prompt-level records: {per_task} distinct questions drawn per task "
+            f"(the smallest task's size), split 80/10/10 by question with no question in two splits: "
             f"{m['records']['train']} train / {m['records']['val']} val / {m['records']['test']} test.", ""]
 
 
@@ -437,12 +440,15 @@ def _md_other_sets(rep: dict) -> list[str]:
 
 def _md_calibration(rep: dict, png: dict) -> list[str]:
     rows = [f"| {i} | {c['temperature']:g} | {c['val_ece_before']:.4f} | {c['val_ece_after']:.4f} | "
-            f"{c['test_ece_before']:.4f} | {c['test_ece_after']:.4f} |" for i, c in enumerate(rep["calibration"]["seeds"])]
+            f"{c['test_ece_before']:.4f} | {c['test_ece_after']:.4f} |"
+            for i, c in enumerate(rep["calibration"]["seeds"])]
     return ["### Calibration (temperature scaling on the validation split)", "",
-            "ECE = expected calibration error of the top-1 probability, 15 bins. T < 1 sharpens: label smoothing trains "
+            "ECE = expected calibration error of the top-1 probability, 15 bins. T < 1 sharpens: label smoothing "
+            "trains "
             "the router to stay below 0.9 on purpose, and the fitted temperature undoes that. Test is the honest "
             "figure (T was fitted on validation).", "",
-            "| seed | T | val ECE before | val ECE after | test ECE before | test ECE after |", "|---:|---:|---:|---:|---:|---:|",
+            "| seed | T | val ECE before | val ECE after | test ECE before | test ECE after |",
+            "|---:|---:|---:|---:|---:|---:|",
             *rows, "", f"Reliability diagram: [{png['reliability'].name}]({png['reliability'].name}).", ""]
 
 
@@ -514,7 +520,8 @@ def _md_speed(rep: dict) -> list[str]:
             f"of {s['mean_chars']:.0f} characters on average: batch 1 median {s['batch1_ms_median']:.3f} ms "
             f"(p10-p90 {s['batch1_ms_p10']:.3f}-{s['batch1_ms_p90']:.3f} ms); batched {s['batched_per_s']:,.0f} "
             f"sentences/s wall clock, {s['batched_per_cpu_s']:,.0f} per CPU-second (the machine is shared; CPU time "
-            "is the better estimate of an idle one). `dlp-lora bench --only P4` measures the same in the benchmark.", ""]
+            "is the better estimate of an idle one). `dlp-lora bench --only P4` measures the same in the benchmark.",
+            ""]
 
 
 def _md_ablations(rep: dict) -> list[str]:
@@ -523,12 +530,14 @@ def _md_ablations(rep: dict) -> list[str]:
     rows = []
     for name, a in rep["ablations"].items():
         n = a["records"]["test"] * len(a["test_errors"])
-        rows.append(f"| {name} | {a['params']:,} | {sum(a['test_errors'])} / {n} ({_pct(1 - sum(a['test_errors']) / n)}) "
+        errors = sum(a["test_errors"])
+        rows.append(f"| {name} | {a['params']:,} | {errors} / {n} ({_pct(1 - errors / n)}) "
                     f"| {max(a['test_errors'])} | {sum(a['val_errors'])} |")
     return ["### What each part of the recipe adds", "",
             "Test errors summed over 3 data splits x 3 router seeds (9 routers per row); \"worst\" is the most test "
             f"errors of one router (1 error = {100 / rep['main'][0]['records']['test']:.2f} points).", "",
-            "| recipe | parameters | test errors (accuracy %) | worst router | val errors |", "|---|---:|---:|---:|---:|",
+            "| recipe | parameters | test errors (accuracy %) | worst router | val errors |",
+            "|---|---:|---:|---:|---:|",
             *rows, ""]
 
 

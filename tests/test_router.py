@@ -204,6 +204,19 @@ def test_merge_never_loses_data(toy, tmp_path, cli):
     assert read_router_data(tmp_path / "fd")[0] == ["arith", "capital", "sentiment", "translate"]
 
 
+def test_make_router_data_never_writes_over_its_inputs(toy, tmp_path, cli):
+    before = {p.name: p.read_bytes() for p in toy.iterdir()}
+    res = cli("make-router-data", "--data-dir", toy, "--out", toy, "--overwrite")
+    assert_one_line_error(res, "is one of the inputs")
+    res = cli("make-router-data", "--data-dir", toy, "--out", toy.parent, "--overwrite")     # a folder holding it
+    assert_one_line_error(res, "is one of the inputs")
+    assert {p.name: p.read_bytes() for p in toy.iterdir()} == before
+    run = _fake_adapters(tmp_path, toy, ["arith", "capital"])
+    res = cli("make-router-data", "--adapters", run, "--out", run, "--overwrite")
+    assert_one_line_error(res, "is one of the inputs")
+    assert (run / "adapters.txt").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Mini-MLP
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,7 +445,8 @@ def test_cli_end_to_end(cli, toy, tmp_path, tiny_model_path):
     res = cli("make-router-data", "--merge", tmp_path / "rd" / "train.jsonl", tmp_path / "rd" / "val.jsonl",
               "--out", tmp_path / "merged" / "train.jsonl")
     assert res.code == 0, res
-    assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == ["arith", "capital", "sentiment", "translate"]
+    assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == \
+        ["arith", "capital", "sentiment", "translate"]
 
 
 def test_cli_bad_inputs(cli, toy, tmp_path, tiny_model_path):

@@ -344,7 +344,7 @@ def _start_state(work: Path, key: str, resume: bool, model, opts, gen, progress:
 
 
 def _checkpointer(path: Path, key: str, model, opts, gen, every_seconds: float, epochs: int):
-    """``on_epoch`` callback: checkpoint when ``every_seconds`` have passed since the last one (and the loop goes on)."""
+    """``on_epoch`` callback: checkpoint when ``every_seconds`` have passed since the last one and the loop goes on."""
     last = [time.time()]
 
     def save(state: FitState) -> None:

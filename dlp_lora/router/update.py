@@ -202,7 +202,8 @@ def _locked(root: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise DLPError(f"{root}: another add-task/remove-task is changing this run; try again when it ends") from None
+            raise DLPError(f"{root}: another add-task/remove-task is changing this run; try again when it ends") \
+                from None
         yield
     finally:
         os.close(fd)
