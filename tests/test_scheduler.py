@@ -58,17 +58,21 @@ def post(url: str, body: dict) -> httpx.Response:
 
 def paced_steps(app, gates: dict[int, int]):
     """Make the worker wait, before decode step k, until ``gates[k]`` requests have been submitted: requests then
-    join the running batch at exactly those steps. Returns the list of (step, live rows) seen at each join."""
+    join the running batch at exactly those steps. Returns the list of (step, live rows) seen at each join, and a
+    dict whose "waiting" entry is the gate step the worker is waiting at (so a test submits a wave only then)."""
     batcher, stats = app.state.batcher, app.state.stats
     step, join = batcher.step, batcher.run_batch
-    joins, count = [], [0]
+    joins, count, state = [], [0], {"waiting": None}
 
     def gated_step():
         need = gates.get(count[0])
         t0 = time.monotonic()
+        if need is not None and stats.submitted < need:
+            state["waiting"] = count[0]
         while need is not None and stats.submitted < need:
             assert time.monotonic() - t0 < 60, "the test's requests never arrived"
             time.sleep(0.005)
+        state["waiting"] = None
         count[0] += 1
         step()
 
@@ -77,7 +81,7 @@ def paced_steps(app, gates: dict[int, int]):
         join(jobs)
 
     batcher.step, batcher.run_batch = gated_step, seen_join
-    return joins
+    return joins, state
 
 
 # exactness ----------------------------------------------------------------------------------------------------------
@@ -91,10 +95,15 @@ def test_a_request_decodes_the_same_alone_joining_mid_way_or_beside_other_mixtur
     reqs = bodies(9)
     waves = [reqs[:2], reqs[2:4], reqs[4:7], reqs[7:]]
     gates = {2: 4, 5: 7, 9: 9}
-    joins = paced_steps(app, gates)
+    joins, state = paced_steps(app, gates)
     with serving(app) as s, cf.ThreadPoolExecutor(len(reqs)) as ex:
         futures = []
         for k, wave in enumerate(waves):
+            t0 = time.monotonic()
+            # a later wave is sent only once the worker waits at its gate: it cannot join an earlier wave's batch
+            while k > 0 and state["waiting"] != sorted(gates)[k - 1]:
+                assert time.monotonic() - t0 < 60, (k, state, joins)
+                time.sleep(0.005)
             futures += [ex.submit(post, s.base_url, b) for b in wave]
             t0 = time.monotonic()
             while app.state.stats.submitted < len(futures):
