@@ -89,9 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -181,9 +179,7 @@ class BenchConfig:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Statistics: interleaved repetitions, median with min–max
-# ---------------------------------------------------------------------------------------------------------------
 
 def summarize(values) -> dict:
     """Median, min and max of a list of numbers (the protocol's figure), plus the count and the raw values."""
@@ -247,9 +243,7 @@ def interleave(systems: dict[str, Callable[[], Any]], reps: int = 5, warmup: int
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Timing (CUDA events on a GPU, perf_counter on the CPU)
-# ---------------------------------------------------------------------------------------------------------------
 
 class Stopwatch:
     """Marks points in time; ``laps()`` returns the seconds between consecutive marks (synchronising CUDA)."""
@@ -306,9 +300,7 @@ def decode_fixed(model, ids, new_tokens: int, device: str, setup: Callable[[], A
     return {"setup": s + t, "prefill": p, "decode": d, "total": s + p + d + t}
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Models and adapters
-# ---------------------------------------------------------------------------------------------------------------
 
 def load_bench_model(spec: str, device: str, dtype: str = "auto", layers: int = 0, seed: int = 0):
     """``(model, info)`` for a model spec: tiny | default | folder | preset (random weights, real shapes)."""
@@ -504,9 +496,7 @@ def loop_model(model, dirs):
     return m, state
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Inputs
-# ---------------------------------------------------------------------------------------------------------------
 
 def random_prompts(model, batch: int, length: int, seed: int, device: str):
     """Random token ids ``(batch, length)``: content does not change the speed, and no padding keeps every system
@@ -537,9 +527,7 @@ def _selected_stats(weights) -> dict:
             "selected_in_batch": int((weights != 0).any(0).sum())}
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Machine facts
-# ---------------------------------------------------------------------------------------------------------------
 
 def machine_info(device: str) -> dict:
     import torch
@@ -579,9 +567,7 @@ def versions() -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The benchmark context: one base model, shared-weight copies built on demand
-# ---------------------------------------------------------------------------------------------------------------
 
 class _Ctx:
     """Holds the base model, adapter folders and the lazily built systems of one benchmark run."""
@@ -745,9 +731,7 @@ def sys_original(ctx: _Ctx, ids, tokens, weights):
     return run
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Rows
-# ---------------------------------------------------------------------------------------------------------------
 
 def _case(ctx: _Ctx, name: str, systems: dict, shapes: dict, ratios: dict[str, tuple[str, str, str]],
           target: tuple[str, str] | None, reps: int | None = None) -> dict:
@@ -1338,9 +1322,7 @@ def _judge(row: str, res: dict) -> None:
     res["figure"] = figs
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Profiles of missed targets
-# ---------------------------------------------------------------------------------------------------------------
 
 def profile_call(fn: Callable[[], Any], device: str, rows: int = 14) -> str:
     """``torch.profiler`` table (top ops by self CPU time) of one call of ``fn``."""
@@ -1389,9 +1371,7 @@ def _profile_missed(ctx: _Ctx, row: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Report
-# ---------------------------------------------------------------------------------------------------------------
 
 def _fmt(s: dict, scale: float = 1.0, digits: int = 2) -> str:
     return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
@@ -1546,9 +1526,7 @@ def update_benchmarks_md(path: str | os.PathLike, name: str, section: str) -> Pa
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Entry point
-# ---------------------------------------------------------------------------------------------------------------
 
 def run_bench(model: str = "tiny", quick: bool = False, only: str | list | None = None,
               out: str | os.PathLike = "bench/latest", run: str | None = None, reps: int = 0,

@@ -110,9 +110,7 @@ def _p_models(sub) -> None:
     p.set_defaults(func=cmd_models)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # data
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_data(args) -> int:
     from . import data
@@ -166,9 +164,7 @@ def _p_data(sub) -> None:
     p.set_defaults(func=cmd_data)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # demo
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -185,9 +181,7 @@ def _p_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # train-lora
-# ---------------------------------------------------------------------------------------------------------------
 
 _TRAIN_FIELDS = {"rank": "rank", "alpha": "alpha", "dropout": "dropout", "target_modules": "target_modules",
                  "lr": "learning_rate", "epochs": "epochs", "max_steps": "max_steps", "batch_size": "batch_size",
@@ -270,9 +264,7 @@ def _p_train_lora(sub) -> None:
     p.set_defaults(func=cmd_train_lora)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # eval
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
     from .evaluate import EvalConfig, command_line, evaluate, summary_markdown
@@ -351,9 +343,7 @@ def _p_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # ui
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_ui(args) -> int:
     import importlib.util
@@ -385,9 +375,7 @@ def _p_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # router: make-router-data, train-router
-# ---------------------------------------------------------------------------------------------------------------
 
 def cmd_make_router_data(args) -> int:
     from .config import RouterDataConfig
@@ -653,9 +641,7 @@ def _p_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # generate / export-mixture (fused engine)
-# ---------------------------------------------------------------------------------------------------------------
 
 def _open_engine_run(args, router=None):
     """The run of --run or --adapters (adapters.txt, run folder or comma list of folders); --model overrides the

@@ -77,7 +77,7 @@ def _keep_labels(merged_labels: Path, beside: Path) -> None:
 def merge_files(files, paths, out, overwrite=False, defaults: PageDefaults = PageDefaults()) -> tuple:
     """Merge labelled router files into one; returns (status, first merged records). The merge is written in a
     temporary folder beside the output and moved into place only when it is complete and safe."""
-    from ..router import fuse_router_files
+    from ..router import merge_router_files
 
     srcs = file_list(files) + [p.strip() for p in (paths or "").splitlines() if p.strip()]
     if not srcs:
@@ -86,7 +86,7 @@ def merge_files(files, paths, out, overwrite=False, defaults: PageDefaults = Pag
     _merge_output(srcs, out_path, bool(overwrite))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".dlp-merge-", dir=out_path.parent) as tmp:
-        merged = Path(fuse_router_files(srcs, Path(tmp) / out_path.name))
+        merged = Path(merge_router_files(srcs, Path(tmp) / out_path.name))
         _keep_labels(Path(tmp) / LABELS_FILE, out_path.parent / LABELS_FILE)
         _merge_output(srcs, out_path, bool(overwrite))   # again: the output may have appeared meanwhile
         os.replace(merged, out_path)
