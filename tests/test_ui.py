@@ -674,3 +674,28 @@ def test_error_message_is_one_line():
     assert error_message(DLPError("a.json: record 2: field 'Q': missing\nmore")) == "a.json: record 2: field 'Q': missing"
     msg = error_message(ValueError("boom\nline two"))
     assert msg.startswith("internal error: ValueError: boom") and "\n" not in msg
+
+
+def test_router_page_adds_and_removes_a_task_without_gradio(tiny_run, tmp_path):
+    """The router page's add/remove handlers (plain functions): the label order and other adapters are kept."""
+    import json
+    import shutil
+
+    from dlp_lora.run import open_run
+    from dlp_lora.ui.router_page import add_task_page, remove_task_page
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    names = open_run(run).names
+    data = tmp_path / "cp.json"
+    data.write_text((tiny_run.parent / "data" / f"{names[0]}.json").read_text())
+    # an existing PEFT adapter for the new task (re-labelled "cp"), so nothing is trained here
+    status = list(add_task_page(str(run), str(data), str(run / "adapters" / names[0]), False))[-1]
+    assert status.startswith("done: added `cp`"), status
+    assert open_run(run).names == names + ["cp"]
+    assert json.loads((run / "router" / "labels.json").read_text()) == names + ["cp"]
+    status = list(remove_task_page(str(run), names[1]))[-1]
+    assert status.startswith(f"done: removed `{names[1]}`"), status
+    assert open_run(run).names == [names[0], names[2], "cp"]
+    with pytest.raises(DLPError, match="remove a task"):
+        list(remove_task_page("", ""))
