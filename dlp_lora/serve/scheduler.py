@@ -155,18 +155,21 @@ class Batcher:
                 self._cv.wait()
             if self._stop:
                 return None
-            # Wait for company, but never longer than the window after the oldest request arrived: requests that
-            # queued while the previous batch ran are taken at once.
-            deadline = self._pending[0].t_submit + self.window
-            while len(self._pending) < self.max_batch and not self._stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
+            self._wait_for_company()
             batch = []
             while self._pending and len(batch) < self.max_batch:
                 batch.append(self._pending.popleft())
             return batch
+
+    def _wait_for_company(self) -> None:
+        """With the lock held: wait for more requests, but never longer than the window after the oldest one
+        arrived, so requests that queued while the previous work ran are taken at once."""
+        deadline = self._pending[0].t_submit + self.window
+        while len(self._pending) < self.max_batch and not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cv.wait(left)
 
     def _loop(self) -> None:
         while True:
@@ -209,12 +212,7 @@ class IterationBatcher(Batcher):
                 while not self._pending and not self._stop:
                     self._cv.wait()
                 if self._pending and not self._stop:
-                    deadline = self._pending[0].t_submit + self.window
-                    while len(self._pending) < self.max_batch and not self._stop:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cv.wait(left)
+                    self._wait_for_company()
             if self._stop:
                 return None
             free = self.max_batch - self.live()
