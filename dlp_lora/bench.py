@@ -59,7 +59,7 @@ TITLES = {
     "P8": "Serving on loopback: continuous (per decode step) vs static (per batch) scheduler",
 }
 
-# Targets from issue 7. "op" reads: figure <op> value.
+# The performance targets each row is held to (DESIGN §7). "op" reads: figure <op> value.
 TARGETS = {
     "P1": {"figure": "ours / peft_single, decode", "op": "<=", "value": 1.00},
     "P2": {"figure": "ours / homogeneous peft_single, decode", "op": "<=", "value": 1.00},
@@ -765,7 +765,8 @@ def row_p1(ctx: _Ctx) -> dict:
     for b in sh["batches_p1"]:
         ids = random_prompts(ctx.model, b, sh["prompt_len"], cfg.seed + b, ctx.device)
         w = random_mixtures(b, len(dirs), cfg.top_p, cfg.max_selected, cfg.seed + 100 + b)
-        # P1's baselines only (issue 7): PEFT `cat` and the loop are measured on the mixed batch (P2, P7)
+        # P1 runs only its own baselines so its pair stays close in time: PEFT `cat` and the loop are measured
+        # on the mixed batch (P2, P7)
         systems = {"base": sys_base(ctx, ids, sh["new_tokens"]),
                    "peft_single": sys_peft_single(ctx, ids, sh["new_tokens"]),
                    "ours": sys_ours(ctx, ids, sh["new_tokens"], w)}
@@ -1502,7 +1503,7 @@ BENCH_HEADER = """# Benchmarks
 Written by `dlp-lora bench` (never by hand): each section below is replaced when its run is repeated with the
 same `--out` name. Protocol (DESIGN §7): every comparison runs in one process on the same model and inputs,
 interleaved (A B C, then C B A, …), after warm-up; figures are the median of ≥ 5 repetitions with min–max; the
-thread count is fixed and printed. Targets are from issue 7. System names: `base` plain model; `ours` fused engine
+thread count is fixed and printed. Each row has a target (DESIGN §7). System names: `base` plain model; `ours` fused engine
 (dense per-row mixture); `ours_merge` mixture folded into W; `peft_single` PEFT, one active adapter for the
 whole batch; `peft_mixed` PEFT `adapter_names=` mixed batch (one adapter per row); `peft_cat` PEFT
 `add_weighted_adapter(combination_type="cat")` rebuilt per mixture (rebuild and delete inside the timing);

@@ -1,4 +1,4 @@
-"""Router data maker, mini-MLP / HF routers, training, save -> load, CLI errors (issue 4)."""
+"""Router data maker, mini-MLP / HF routers, training, save -> load, CLI errors."""
 
 from __future__ import annotations
 
