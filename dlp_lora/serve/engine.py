@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from ..config import DLPError, format_error
 from ..data import format_prompt
@@ -84,24 +85,7 @@ class Engine:
 
     def _run_isolated(self, jobs: list[Job]) -> None:
         """Run one engine call; when it raises, retry its halves so that only the failing row fails."""
-        try:
-            self._run_group(jobs)
-            return
-        except APIError as e:
-            for j in jobs:
-                j.emit("error", e)
-            return
-        except Exception as e:
-            self.stats.errors += 1
-            if len(jobs) == 1:
-                self._fail(jobs[0], e)
-                return
-        self.stats.isolated += 1
-        half = len(jobs) // 2
-        for part in (jobs[:half], jobs[half:]):
-            part = [j for j in part if not j.cancelled]
-            if part:
-                self._run_isolated(part)
+        isolate(jobs, self._run_group, self._fail, self.stats, drop_cancelled=True)
 
     def _fail(self, job: Job, e: Exception) -> None:
         self.stats.failed_rows += 1
@@ -217,24 +201,13 @@ class Decoding:
 
     def _plan_and_join(self, jobs: list[Job]) -> None:
         """Plan then join ``jobs``; planning that raises (routing a conversation) is split like a failed join."""
-        try:
-            pipe, weights, routed_here, jobs = self.engine._plan(jobs)
-        except APIError as e:
-            for j in jobs:
-                j.emit("error", e)
-            return
-        except Exception as e:
-            self.stats.errors += 1
-            if len(jobs) == 1:
-                self.engine._fail(jobs[0], e)
-                return
-            self.stats.isolated += 1
-            for part in (jobs[:len(jobs) // 2], jobs[len(jobs) // 2:]):
-                self._plan_and_join(part)
-            return
+        isolate(jobs, self._plan_then_join, self.engine._fail, self.stats)
+
+    def _plan_then_join(self, jobs: list[Job]) -> None:
+        pipe, weights, routed_here, jobs = self.engine._plan(jobs)
         for i, rec in routed_here.items():
             jobs[i].routed = rec
-        if jobs:
+        if jobs:   # the join isolates its own failures, so none reaches the planning's isolation above
             self._join(pipe, jobs, [self._request(j, w) for j, w in zip(jobs, weights)])
 
     def _request(self, job: Job, weights):
@@ -257,30 +230,20 @@ class Decoding:
         if not batch.can_join:                      # this model's cache cannot take rows mid-way: wait
             self.waiting.append((pipe, jobs, requests))
             return
-        try:
-            rows = batch.add(requests, prefill_chunk=self.engine.config.prefill_chunk)
-        except APIError as e:
-            for j in jobs:
-                j.emit("error", e)
-            return
-        except Exception as e:
-            batch.close()                           # a failed prefill may have left its mixture on the model
-            self.stats.errors += 1
-            if len(jobs) == 1:
-                self.engine._fail(jobs[0], e)
-                return
-            self.stats.isolated += 1
-            half = len(jobs) // 2
-            for part in ((jobs[:half], requests[:half]), (jobs[half:], requests[half:])):
-                self._join(pipe, *part)
-            return
-        self.stats.batches += 1
-        self.stats.batch_sizes[len(rows)] += 1
-        for job, row in zip(jobs, rows):
-            job.row = row
-            members.append(job)
-            if job.cancelled:                       # its client left while it was being prefilled
-                row.cancel()
+
+        def add(pairs: list) -> None:
+            rows = batch.add([r for _, r in pairs], prefill_chunk=self.engine.config.prefill_chunk)
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(rows)] += 1
+            for (job, _), row in zip(pairs, rows):
+                job.row = row
+                members.append(job)
+                if job.cancelled:                   # its client left while it was being prefilled
+                    row.cancel()
+
+        # a failed prefill may have left its mixture on the model: close() clears it before the halves run
+        isolate(list(zip(jobs, requests)), add, self.engine._fail, self.stats, job_of=lambda pair: pair[0],
+                cleanup=batch.close)
 
     def step(self) -> None:
         """One decode step of every running batch; finished rows are answered, emptied batches dropped."""
@@ -351,6 +314,36 @@ def _stream(job: Job, delta: str) -> bool:
         return True
     job.stream_delta(delta)
     return False
+
+
+def isolate(items: list, attempt: Callable[[list], Any], fail: Callable[[Job, Exception], None], stats,
+            job_of: Callable[[Any], Job] = lambda job: job, cleanup: Callable[[], Any] | None = None,
+            drop_cancelled: bool = False) -> None:
+    """Run ``attempt(items)``; when it raises, retry its halves until the failing item is alone, so that one bad
+    request never fails its neighbours. An APIError is a refusal of the whole call: each of its jobs gets it.
+    Any other error: ``cleanup()``, then a lone item's job is answered by ``fail(job, e)``."""
+    if drop_cancelled:
+        items = [it for it in items if not job_of(it).cancelled]
+    if not items:
+        return
+    try:
+        attempt(items)
+        return
+    except APIError as e:
+        for it in items:
+            job_of(it).emit("error", e)
+        return
+    except Exception as e:
+        if cleanup is not None:
+            cleanup()
+        stats.errors += 1
+        if len(items) == 1:
+            fail(job_of(items[0]), e)
+            return
+    stats.isolated += 1
+    half = len(items) // 2
+    for part in (items[:half], items[half:]):
+        isolate(part, attempt, fail, stats, job_of, cleanup, drop_cancelled)
 
 
 def split_by_engine(jobs: list[Job], engine_of) -> list[list[Job]]:
