@@ -73,7 +73,8 @@ class RowMixture:
             return False, sentence
         if self.segments:
             number, end = last_item_number(text, self._line_start)
-            self._line_start = text.rfind("\n") + 1
+            # only the text since the last known line start is searched: a decode step stays O(new text)
+            self._line_start = text.rfind("\n", self._line_start) + 1 or self._line_start
             if end > self._label_end and 1 <= number <= len(self.weights):
                 self._label_end = end
                 if number != self.item:
