@@ -279,7 +279,7 @@ def cmd_eval(args) -> int:
     given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
     cfg = EvalConfig(run_dir=args.run, data=args.data or [], data_dir=args.data_dir or "", out_dir=args.out,
                      selection=selection_from_args(args), auto_budget=not args.fixed_length, overwrite=args.overwrite,
-                     reuse=not args.no_reuse, command=command_line(_eval_argv(args)), **given)
+                     reuse=not args.no_reuse, resume=args.resume, command=command_line(_eval_argv(args)), **given)
     summary = evaluate(cfg, progress=not args.no_progress)
     print(summary_markdown(summary))
     print(f"wrote {args.out}" + (f" and {args.results_md}" if args.results_md else ""))
@@ -298,7 +298,7 @@ def _eval_argv(args) -> list[str]:
             argv += [flag, str(value)]
     for m in args.metric or []:
         argv += ["--metric", m]
-    argv += [flag for flag in ("--fixed-length", "--no-reuse", "--overwrite") if getattr(args, flag[2:].replace("-", "_"))]
+    argv += [flag for flag in ("--fixed-length", "--no-reuse", "--overwrite", "--resume") if getattr(args, flag[2:].replace("-", "_"))]
     return argv
 
 
@@ -337,6 +337,9 @@ def _p_eval(sub) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder, e.g. TestOutputs/NAME (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="carry on an interrupted evaluation with the same settings from its journal "
+                        "(.OUT.partial/, written as batches finish)")
     p.add_argument("--results-md", default=None, help="also write this run's section of a RESULTS.md")
     p.add_argument("--results-commands", default=None, help="file of the commands that built the run (quoted in RESULTS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

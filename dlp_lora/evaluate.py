@@ -34,6 +34,7 @@ import datetime as _dt
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ class EvalConfig:
     auto_budget: bool = True                # per task: min(cap, longest test reference + 16 tokens) - saves CPU
     batch_size: int = 8                     # rows generated together (per system)
     reuse: bool = True                      # reuse another system's greedy answer made with the same mixture
+    resume: bool = False                    # continue an interrupted run from its journal (.OUT.partial/)
     metrics: dict = dataclasses.field(default_factory=dict)  # task -> metric overrides (--metric task=metric)
     composite: list = dataclasses.field(default_factory=list)  # composite prompt sizes N, e.g. [2, 3] ([] = none)
     composite_n: int = 100                  # composite prompts per size
@@ -212,12 +214,26 @@ def evaluate(config: EvalConfig | str | os.PathLike | None = None, *, pipeline=N
     pipes = _load_pipelines(cfg, run, pipeline, multitask_pipeline)
     samples, budgets = _samples(cfg, tests, getattr(pipes.main, "tokenizer", None))
     systems = [s for s in cfg.systems if s not in COMPOSITE_ONLY]
-    outputs, timing, rowinfo = _run_interleaved(systems, pipes, samples, [s.budget for s in samples], cfg, progress)
+    journal = EvalJournal.open(cfg, _journal_inputs(cfg, run, tests))
+    outputs, timing, rowinfo = _run_interleaved(systems, pipes, samples, [s.budget for s in samples], cfg, progress,
+                                                journal=journal)
     summary, sample_routing = _summary(cfg, run, pipes, tests, samples, systems, outputs, timing, names)
-    summary["composite"], composite_rows = _evaluate_composites(cfg, pipes, tests, budgets, progress)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["composite"], composite_rows = _evaluate_composites(cfg, pipes, tests, budgets, progress, journal)
+    summary["seconds"] = round(time.perf_counter() - started + journal.earlier_seconds, 3)
+    summary["resumed_batches"] = journal.replayed
     _write(cfg, summary, _prediction_rows(samples, systems, outputs, sample_routing, rowinfo), composite_rows)
+    journal.remove()
     return summary
+
+
+def _journal_inputs(cfg: EvalConfig, run: Run | None, tests: _TestSet) -> list[Path]:
+    """The files whose change makes an interrupted evaluation's journal stale."""
+    paths = [Path(t.path) for t in tests.tasks if t.path]
+    if run is not None:
+        paths += list(run.adapter_dirs) + ([run.router_dir] if run.router_dir else [])
+    if "multitask" in cfg.systems:
+        paths.append(_multitask_dir(cfg, run))
+    return paths
 
 
 def _make_config(config, fields: dict) -> EvalConfig:
@@ -480,20 +496,114 @@ class GenerationCache:
             self.entries.setdefault(self.key(pipe, r.prompt, b, w), (res, seconds))
 
 
+_JOURNAL_FREE = ("overwrite", "resume", "command", "results_md", "results_commands")   # do not change answers
+
+
+class EvalJournal:
+    """The finished batches of one evaluation, appended to ``.<out>.partial/journal.jsonl`` as they finish, so
+    that ``resume`` carries on an interrupted run where it stopped: greedy answers are deterministic, so a batch
+    read back equals the batch regenerated, and the answer reuse replays in the same order. The first line holds
+    what decides the answers (the settings, and the size and time of every input file); a journal written with
+    anything else is refused. The folder is removed once ``out_dir`` is written."""
+
+    def __init__(self, folder: Path, entries: dict, earlier_seconds: float = 0.0) -> None:
+        self.folder, self.entries, self.earlier_seconds = folder, entries, earlier_seconds
+        self.replayed = 0                   # batches read back instead of generated
+
+    @classmethod
+    def open(cls, cfg: EvalConfig, inputs: list[Path]) -> "EvalJournal":
+        out = Path(cfg.out_dir)
+        folder = out.resolve().parent / f".{out.name}.partial"
+        path = folder / "journal.jsonl"
+        head = {"settings": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                   if k not in _JOURNAL_FREE}, default=str)),
+                "inputs": _file_stamps(inputs)}
+        if cfg.resume and path.is_file():
+            return cls._read(folder, path, head)
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            path.write_text(json.dumps(head) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise DLPError(f"{folder}: cannot write the evaluation journal ({e.strerror or e})") from None
+        return cls(folder, {})
+
+    @classmethod
+    def _read(cls, folder: Path, path: Path, head: dict) -> "EvalJournal":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            first = json.loads(lines[0])
+        except (ValueError, IndexError):
+            raise DLPError(f"{path}: line 1: not a journal header (remove the folder to start over)") from None
+        diff = sorted({k for k in {**head["settings"], **first.get("settings", {})}
+                       if head["settings"].get(k) != first.get("settings", {}).get(k)})
+        if first.get("inputs") != head["inputs"]:
+            diff.append("input files (adapters, router or test files changed)")
+        if diff:
+            raise DLPError(f"{path}: written by an evaluation with other settings ({', '.join(diff)}); "
+                           f"run without --resume to start over")
+        entries, seconds = {}, 0.0
+        for line in lines[1:]:
+            try:
+                e = json.loads(line)
+            except ValueError:      # the last line of a run killed while writing it
+                break
+            entries[(e["what"], e["start"], e["system"], tuple(e["rows"]))] = (e["results"], e["seconds"])
+            seconds += e["seconds"] * len(e["rows"])
+        return cls(folder, entries, seconds)
+
+    def get(self, what: str, start: int, system: str, rows: list[int]) -> tuple[list, float] | None:
+        from .pipeline import GenerationResult
+
+        hit = self.entries.get((what, start, system, tuple(rows)))
+        if hit is None:
+            return None
+        self.replayed += 1
+        return [GenerationResult(**r) for r in hit[0]], hit[1]
+
+    def put(self, what: str, start: int, system: str, rows: list[int], results: list, seconds: float) -> None:
+        line = json.dumps({"what": what, "start": start, "system": system, "rows": rows, "seconds": seconds,
+                           "results": [dataclasses.asdict(r) for r in results]})
+        with open(self.folder / "journal.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _file_stamps(paths: list[Path]) -> list:
+    """(path, size, mtime) of every file under ``paths``, sorted: a retrained adapter invalidates a journal."""
+    stamps = []
+    for p in paths:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        for f in files:
+            st = f.stat()
+            stamps.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
 def _generate_cached(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
-                     cache: GenerationCache) -> tuple[list, list[dict]]:
+                     cache: GenerationCache, journal: EvalJournal | None = None,
+                     where: tuple = ("eval", 0)) -> tuple[list, list[dict]]:
     """One system on one batch, rows already answered with the same key taken from ``cache``. Returns the results
     and per row ``{"reused", "seconds"}``: a generated row's share of the measured batch time, a reused row the
-    seconds measured when it was generated."""
+    seconds measured when it was generated. With a ``journal``, the generated rows of a batch an interrupted run
+    already finished (``where`` = what, first row) are read back with their measured seconds, not generated."""
     pipe = _pipe_of(system, pipes)
     t0 = time.perf_counter()
     mix = _mixture(system, pipe, rows, cfg.selection)
     keys, records = cache.lookup(system, pipe, rows, budgets, mix, cfg.selection)
     hit = {i: cache.entries[k] for i, k in enumerate(keys) if k is not None and k in cache.entries}
     todo = [i for i in range(len(rows)) if i not in hit]
-    sub = {k: (v[todo] if k == "weights" else v) for k, v in mix.items()}
-    res = _generate(system, pipes, [rows[i] for i in todo], [budgets[i] for i in todo], cfg, sub) if todo else []
-    share = (time.perf_counter() - t0) / max(1, len(todo))
+    done = journal.get(*where, system, todo) if journal is not None and todo else None
+    if done is not None:
+        res, share = done
+    else:
+        sub = {k: (v[todo] if k == "weights" else v) for k, v in mix.items()}
+        res = _generate(system, pipes, [rows[i] for i in todo], [budgets[i] for i in todo], cfg, sub) if todo else []
+        share = (time.perf_counter() - t0) / max(1, len(todo))
+        if journal is not None and todo:
+            journal.put(*where, system, todo, res, share)
     out: list = [None] * len(rows)
     info: list[dict] = [{}] * len(rows)
     for i, r in zip(todo, res):
@@ -529,7 +639,7 @@ def _add_timing(tm: dict, res: list, info: list[dict]) -> None:
 
 
 def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets: Sequence[int], cfg: EvalConfig,
-                     progress: bool, what: str = "eval") -> tuple[dict, dict, dict]:
+                     progress: bool, what: str = "eval", journal: EvalJournal | None = None) -> tuple[dict, dict, dict]:
     """Every row through every system, batch by batch, the systems taking turns (the first one rotating, so no
     system always runs on a cold cache; with reuse, each system in turn is the one that generates a shared
     answer). Returns outputs, timing and per-row reuse / seconds per system."""
@@ -549,7 +659,7 @@ def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets:
             batch, bud = rows[start: start + cfg.batch_size], budgets[start: start + cfg.batch_size]
             k = b % max(1, len(systems))
             for system in systems[k:] + systems[:k]:
-                res, info = _generate_cached(system, pipes, batch, bud, cfg, cache)
+                res, info = _generate_cached(system, pipes, batch, bud, cfg, cache, journal, (what, start))
                 _add_timing(timing[system], res, info)
                 outputs[system][start: start + len(res)] = res
                 rowinfo[system][start: start + len(res)] = info
@@ -573,7 +683,7 @@ def _composite_pools(tests: _TestSet) -> dict[str, list[CompositeItem]]:
 
 
 def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budgets: dict[str, int],
-                         progress: bool) -> tuple[dict, list[dict]]:
+                         progress: bool, journal: EvalJournal | None = None) -> tuple[dict, list[dict]]:
     """Per composite size N: ``composite_n`` prompts (fixed seed), every composite system interleaved as in the
     per-task loop; a prompt's token budget is the sum of its questions' task budgets."""
     systems = [s for s in cfg.systems if s not in PER_TASK_ONLY]
@@ -585,7 +695,7 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
         prompts = build_composites(pools, n, cfg.composite_n, cfg.seed)
         bud = [sum(budgets[t] for t in p.tasks) for p in prompts]
         outputs, timing, rowinfo = _run_interleaved(systems, pipes, prompts, bud, cfg, progress,
-                                                    what=f"composite-{n}")
+                                                    what=f"composite-{n}", journal=journal)
         scored = {s: [score_composite(outputs[s][i].text, p) for i, p in enumerate(prompts)] for s in systems}
         report[str(n)] = {
             "prompts": len(prompts), "skipped": skipped,

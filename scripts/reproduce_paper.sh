@@ -12,7 +12,7 @@
 # repository: checkpoints and weights never land in git). Stage times: $WORK/stage_times.json.
 # Environment: MODEL, WORK, SHARED_DATA (default ../shared/data from the repository), JOBS (LoRA trainings at once,
 # default 2 on a CPU: one per core, each with one BLAS thread), STEPS/BATCH/MAX_LENGTH/LR (task LoRA budget),
-# MT_STEPS (multitask LoRA), TEST_N/TRAIN_N (split), LIMIT/COMPOSITE_N (evaluation), PY (the Python to use).
+# MT_STEPS (multitask LoRA), TEST_N/TRAIN_N (split), LIMIT/COMPOSITE_N/EVAL_THREADS (evaluation), PY (the Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -42,6 +42,7 @@ fi
 # Task LoRA budget, chosen from measured step times on this CPU (docs/lora.md, "Budget of the reproduction").
 STEPS="${STEPS:-40}" BATCH="${BATCH:-4}" MAX_LENGTH="${MAX_LENGTH:-320}" LR="${LR:-1e-3}" RANK="${RANK:-8}"
 MT_STEPS="${MT_STEPS:-200}"
+EVAL_THREADS="${EVAL_THREADS:-$(nproc)}"
 TEST_N="${TEST_N:-50}" TRAIN_N="${TRAIN_N:-400}" LIMIT="${LIMIT:-50}" COMPOSITE_N="${COMPOSITE_N:-100}"
 SYSTEMS="base,single,dlp,dlp-sentence,dlp-segment,top1,multitask,uniform,oracle-segment"
 
@@ -123,9 +124,12 @@ train_router() {
 }
 
 # 5. every system on every task's test questions and on composite-2/-3 prompts, one process, same samples
+# (one process using every core: generation is not split across processes; --resume carries on after an
+# interruption from the batches already finished)
 evaluate() {
-  $DLP eval --run "$RUN" --data-dir "$WORK/test" --systems "$SYSTEMS" --limit "$LIMIT" --composite 2,3 \
-    --composite-n "$COMPOSITE_N" --batch-size "$EVAL_BATCH" --out "$WORK/eval" --overwrite --no-progress
+  env OMP_NUM_THREADS="$EVAL_THREADS" MKL_NUM_THREADS="$EVAL_THREADS" \
+    $DLP eval --run "$RUN" --data-dir "$WORK/test" --systems "$SYSTEMS" --limit "$LIMIT" --composite 2,3 \
+    --composite-n "$COMPOSITE_N" --batch-size "$EVAL_BATCH" --out "$WORK/eval" --overwrite --resume --no-progress
 }
 
 # 6. results/paper21/summary.json and the paper21 section of RESULTS.md (small, committed)

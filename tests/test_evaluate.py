@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -597,3 +598,54 @@ def test_reuse_gives_the_same_scores_as_no_reuse_on_the_tiny_run(cli, tiny_run, 
         if r["reused"]["dlp"] or r["reused"]["top1"]:
             assert r["outputs"]["dlp"] == r["outputs"]["top1"]
     assert "| timed samples | reused |" in (tmp_path / "reuse" / "summary.md").read_text()
+
+
+def test_an_interrupted_eval_resumes_from_its_journal(tiny_run, tmp_path, monkeypatch):
+    """Killed after a few batches, ``resume`` reads the finished batches back from the journal, generates only
+    the rest and writes the same predictions as an uninterrupted run; other settings or a changed adapter are
+    refused; a finished run removes the journal."""
+    import dlp_lora.evaluate as ev
+    from dlp_lora.tasks import write_builtin_tasks
+
+    test = tmp_path / "test"
+    write_builtin_tasks(test, n=4, seed=3, tasks=["arithmetic", "capitals", "word_sorting"])
+    common = dict(data_dir=test, systems="base,single,dlp,dlp-segment,uniform", limit=3, max_new_tokens=4,
+                  auto_budget=False, composite=[2], composite_n=4, batch_size=2, device="cpu")
+    real, calls, full_calls = ev._generate, [], []
+    monkeypatch.setattr(ev, "_generate", lambda system, *a, **k: (full_calls.append(system), real(system, *a, **k))[1])
+    full = evaluate(tiny_run, out_dir=tmp_path / "full", progress=False, **common)
+
+    def dying(system, pipes, rows, budgets, *a, **k):
+        calls.append(set(budgets) != {2})     # warm-up calls ask for 2 tokens
+        if sum(calls) == 9:                   # the machine dies during the 9th timed batch
+            raise KeyboardInterrupt
+        return real(system, pipes, rows, budgets, *a, **k)
+
+    monkeypatch.setattr(ev, "_generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_run, out_dir=tmp_path / "o", progress=False, **common)
+    journal = tmp_path / ".o.partial" / "journal.jsonl"
+    assert not (tmp_path / "o").exists() and len(journal.read_text().splitlines()) == 1 + 8
+    with pytest.raises(DLPError, match=r"other settings \(limit\)"):
+        evaluate(tiny_run, out_dir=tmp_path / "o", progress=False, resume=True, **{**common, "limit": 2})
+
+    calls.clear()
+    monkeypatch.setattr(ev, "_generate", lambda system, *a, **k: (calls.append(system), real(system, *a, **k))[1])
+    resumed = evaluate(tiny_run, out_dir=tmp_path / "o", progress=False, resume=True, **common)
+    assert resumed["resumed_batches"] == 8 and len(calls) == len(full_calls) - 8
+    read = lambda d, f: [json.loads(l) for l in (tmp_path / d / f).read_text().splitlines()]
+    for f in ("predictions.jsonl", "composite.jsonl"):
+        assert [r["outputs"] for r in read("o", f)] == [r["outputs"] for r in read("full", f)]
+    assert resumed["per_task"] == full["per_task"] and resumed["composite"]["2"]["scores"].keys() == \
+        full["composite"]["2"]["scores"].keys()
+    assert not journal.parent.exists()
+
+    # a journal left by an interrupted run is refused when an adapter changed since
+    monkeypatch.setattr(ev, "_generate", dying)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_run, out_dir=tmp_path / "p", progress=False, **common)
+    weights = next((tiny_run / "adapters").rglob("adapter_model.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(DLPError, match="input files"):
+        evaluate(tiny_run, out_dir=tmp_path / "p", progress=False, resume=True, **common)
