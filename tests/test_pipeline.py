@@ -196,6 +196,13 @@ def test_eos_stops_each_row_separately(make_pipe, tiny_model_path, adapters, mon
     assert second[0].finish_reason == "stop" and second[0].completion_tokens == k + 1
     assert second[0].text == tok.decode(row0[:k], skip_special_tokens=True)
     assert second[1].text == first[1].text and second[1].completion_tokens == first[1].completion_tokens
+    # ignore_eos (per row): row 0 goes on through its EOS to max_new_tokens with the same tokens as without the EOS
+    third = pipe2.generate(PROMPTS[:2], weights={"alpha": 1.0}, max_new_tokens=8, chat=False, ignore_eos=[True, False])
+    assert third[0].finish_reason == "length" and third[0].completion_tokens == 8
+    assert third[0].text == tok.decode(row0[:8], skip_special_tokens=True)
+    assert third[1].text == first[1].text
+    with pytest.raises(DLPError, match="ignore_eos: expected true or false"):
+        pipe2.generate(PROMPTS[:1], weights={"alpha": 1.0}, max_new_tokens=2, ignore_eos="yes")
 
 
 def test_per_row_max_new_tokens_temperature_and_seed(make_pipe):

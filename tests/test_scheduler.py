@@ -126,6 +126,26 @@ def test_a_request_decodes_the_same_alone_joining_mid_way_or_beside_other_mixtur
     assert len({a.json()["choices"][0]["text"] for a in answers}) > 3      # the mixtures really differ
 
 
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_ignore_eos_runs_to_max_tokens_under_both_schedulers(serve_pipeline, scheduler, monkeypatch):
+    """vLLM's ``ignore_eos``: with every token made an EOS, a plain request stops at once while an
+    ``ignore_eos`` one in the same batch runs to ``max_tokens`` with the text it would have had without that EOS;
+    a non-boolean value is a 422."""
+    body = {"model": f"dlp:{TASKS[0]}", "prompt": "Question: what is 2 plus 3? Answer.", "max_tokens": 6}
+    ref = alone(serve_pipeline, body)
+    monkeypatch.setattr(serve_pipeline, "eos_ids", set(range(len(serve_pipeline.tokenizer))))   # every token
+    app = create_app(serve_pipeline, ServeConfig(max_batch=4, batch_window_ms=300, scheduler=scheduler))
+    with serving(app) as s, cf.ThreadPoolExecutor(2) as ex:
+        plain, kept = ex.map(lambda b: post(s.base_url, b), [body, {**body, "ignore_eos": True}])
+        bad = post(s.base_url, {**body, "ignore_eos": "yes"})
+    assert plain.json()["choices"][0]["finish_reason"] == "stop"
+    assert plain.json()["usage"]["completion_tokens"] == 1
+    got = kept.json()
+    assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == 6
+    assert got["choices"][0]["text"] == ref.text
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "ignore_eos"
+
+
 def test_cancelling_one_streaming_row_leaves_the_others_unchanged(serve_pipeline):
     app = create_app(serve_pipeline, ServeConfig(max_batch=8, batch_window_ms=300, max_tokens_cap=4000))
     stats = app.state.stats
@@ -381,7 +401,7 @@ def test_p8_workload_is_fixed_and_mixed():
     reqs = [p8_request(i, tasks, seed=0) for i in range(400)]
     assert reqs == [p8_request(i, tasks, seed=0) for i in range(400)]          # the same sequence every run
     assert reqs != [p8_request(i, tasks, seed=1) for i in range(400)]
-    assert all(r["stream"] and r["stream_options"] == {"include_usage": True} for r in reqs)
+    assert all(r["stream"] and r["stream_options"] == {"include_usage": True} and r["ignore_eos"] for r in reqs)
     assert {r["max_tokens"] for r in reqs} == {m for m, _ in P8_MAX_TOKENS}  # short and long answers
     routed = [r for r in reqs if r["model"] == "dlp" and "dlp" not in r]
     forced = {r["model"] for r in reqs if r["model"].startswith("dlp:")}

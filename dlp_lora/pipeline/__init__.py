@@ -208,17 +208,21 @@ class DLPPipeline:
                  segment_weights=None, max_new_tokens=64, temperature=0.0, top_p_sampling: float = 1.0,
                  seed: int | None = None, stop=None, chat: bool = True,
                  on_text: Callable[[int, str], Any] | None = None, batch_size: int = 16,
-                 merge: bool = False) -> list[GenerationResult]:
+                 merge: bool = False, ignore_eos=False) -> list[GenerationResult]:
         """Generate for every prompt, in prompt order. ``selection``: top-p, weighting, caps and granularity
         (default :class:`SelectionConfig`). ``weights`` forces a mixture: a ``(B, N)`` tensor or a per-row list of
         ``None`` (route) | ``{task: weight}`` | ``(N,)`` tensor; all-zero = base model. ``segment_weights`` forces
         one mixture per numbered item of each prompt (segment granularity): a per-row list of ``None`` | list of
         mixtures. ``max_new_tokens``, ``temperature`` and ``stop`` may be per row; row i samples with seed
-        ``seed + i``. ``on_text(row, delta)`` streams text; returning True cancels that row. Up to
+        ``seed + i``. ``on_text(row, delta)`` streams text; returning True cancels that row. ``ignore_eos`` (may
+        be per row) goes on past EOS up to ``max_new_tokens``, as serving benchmarks do. Up to
         ``batch_size`` rows decode together; a waiting prompt joins as soon as a row finishes. ``merge=True``
         generates one prompt at a time with the mixture folded into the weights (≈0 per-token overhead)."""
         requests = self._requests(prompts, selection, weights, segment_weights, max_new_tokens, temperature,
                                   top_p_sampling, seed, stop, chat, on_text)
+        for r, flag in zip(requests, _row_list(ignore_eos, len(requests), "ignore_eos")):
+            r.ignore_eos = flag
+            r.check()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DLPError(f"batch_size: must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult | None] = [None] * len(requests)

@@ -68,6 +68,7 @@ class DecodeRequest:
     top_p_sampling: float = 1.0             # nucleus sampling mass (with temperature > 0)
     seed: int | None = None                 # seeds this row's own sampler (independent of the other rows)
     stop: Sequence[str] = ()                # stop strings (never part of the text or the stream)
+    ignore_eos: bool = False                # go on past EOS up to max_new_tokens (benchmarks; vLLM's ignore_eos)
     chat: bool = True                       # apply the tokenizer's chat template
     on_text: Callable[[str], Any] | None = None   # called with each streamed piece; returning True cancels
     tag: Any = None                         # the caller's id for the row (generate: the prompt's index)
@@ -91,6 +92,8 @@ class DecodeRequest:
             raise DLPError(f"seed: expected an integer, got {self.seed!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise DLPError("stop: expected a list of strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise DLPError(f"ignore_eos: expected true or false, got {self.ignore_eos!r}")
 
 
 class DecodeRow:
@@ -367,7 +370,7 @@ class DecodeBatch:
             return ""
         row.ids.append(token)
         sentence = ""
-        if token in self.pipe.eos_ids:
+        if token in self.pipe.eos_ids and not row.request.ignore_eos:
             row._end("stop")
         else:
             delta = self._detok(row)

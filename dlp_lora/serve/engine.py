@@ -149,7 +149,8 @@ class Engine:
                              temperature=[j.req.temperature for j in jobs],
                              top_p_sampling=sampled.top_p_sampling if sampled else 1.0,
                              seed=sampled.seed if sampled else None, stop=[j.req.stop for j in jobs],
-                             chat=r0.chat, on_text=on_text, batch_size=len(jobs))
+                             chat=r0.chat, on_text=on_text, batch_size=len(jobs),
+                             ignore_eos=[j.req.ignore_eos for j in jobs])
 
     # the continuous scheduler's side (worker thread) ----------------------------------------------------------------
     def join(self, jobs: list[Job]) -> None:
@@ -217,7 +218,8 @@ class Decoding:
         r = job.req
         return DecodeRequest(prompt=r.prompt, selection=r.selection, weights=weights, max_new_tokens=r.max_tokens,
                              temperature=r.temperature, top_p_sampling=r.top_p_sampling, seed=r.seed,
-                             stop=list(r.stop), chat=r.chat, on_text=functools.partial(_stream, job), tag=job)
+                             stop=list(r.stop), ignore_eos=r.ignore_eos, chat=r.chat,
+                             on_text=functools.partial(_stream, job), tag=job)
 
     def _batch(self, pipe) -> tuple:
         if id(pipe) not in self.batches:

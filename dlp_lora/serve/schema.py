@@ -219,6 +219,7 @@ class GenRequest:
     seed: int | None                        # sampling seed
     stream: bool                            # answer as server-sent events
     include_usage: bool                     # stream_options.include_usage
+    ignore_eos: bool                        # go on past EOS up to max_tokens (vLLM's extension; benchmarks)
     selection: SelectionConfig              # router options: the server defaults with the request's "dlp" fields
     weights: dict[str, float] | None        # forced mixture (task -> weight; {} = base model); None = routed
     adapter: str | None                     # a name registered through /v1/load_lora_adapter
@@ -424,6 +425,7 @@ def parse_request(body, kind: str, *, names: list[str], loaded, tokenizer, confi
                      top_p_sampling=number_field(body, "top_p", 0, 1, 1.0, low_open=True),
                      stop=_stops(body), seed=int_field(body, "seed", 0, SEED_MAX, None),
                      stream=get_field(body, "stream", (bool,), False), include_usage=_include_usage(body),
+                     ignore_eos=get_field(body, "ignore_eos", (bool,), False),
                      selection=config.selection, weights=None, adapter=None, body=body)
     req.selection, req.weights, req.adapter = _mixture(body, model, names, loaded, config.selection)
     if count_tokens is not None:
