@@ -89,7 +89,7 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def task_targets(s: dict) -> list[str]:
+def task_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
     per, avg = s["per_task"], s["averages"]["overall"]
     losers = [t for t in s["tasks"] if not per[t]["scores"]["single"] > per[t]["scores"]["base"]]
     wins = len(s["tasks"]) - len(losers)
@@ -97,6 +97,8 @@ def task_targets(s: dict) -> list[str]:
                        for t in losers)
     lines = [f"- Task LoRA above the base model on its own task for >= 17 of {len(s['tasks'])} tasks: "
              f"{_verdict(wins >= 17)} ({wins} of {len(s['tasks'])}" + (f"; not above base: {missed})" if losers else ")")]
+    if losers and rows:
+        lines += ["  Why, from predictions.jsonl:"] + loser_evidence(s, rows)
     d = avg["dlp"] - avg["single"]
     lines.append(f"- `dlp` within 0.5 points of `single`: {_verdict(abs(d) <= 0.5 or d > 0)} "
                  f"(dlp {_cell(avg['dlp'])}, single {_cell(avg['single'])}, difference {d:+.2f}; the paper: -0.35)")
@@ -109,7 +111,53 @@ def task_targets(s: dict) -> list[str]:
     return lines
 
 
-def composite_targets(s: dict) -> list[str]:
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+
+
+def loser_evidence(s: dict, rows: list[dict]) -> list[str]:
+    """Why a task LoRA is not above base, from predictions.jsonl: its most frequent answer and how often it gives
+    it (a LoRA that cannot tell the options apart falls back on one letter), against the base model's answers
+    and the chance level of the task's options."""
+    per = s["per_task"]
+    losers = [t for t in s["tasks"] if not per[t]["scores"]["single"] > per[t]["scores"]["base"]]
+    lines = []
+    for t in losers:
+        rs = [r for r in rows if r["task"] == t]
+        if not rs:
+            continue
+        def top(system):
+            answers = [" ".join(r["outputs"][system].split())[:24] or "(empty)" for r in rs]
+            best = max(set(answers), key=answers.count)
+            return f"`{best}` {answers.count(best)}/{len(rs)}"
+        choices = rs[0].get("choices") or []
+        chance = f"; chance {100 / len(choices):.0f}" if choices else ""
+        lines.append(f"  - {t}: single {_cell(per[t]['scores']['single'])} vs base {_cell(per[t]['scores']['base'])}"
+                     f"{chance}; most frequent answer: single {top('single')}, base {top('base')}")
+    return lines
+
+
+def composite_examples(size: str, rows: list[dict], rivals: list[str], k: int = 2) -> list[str]:
+    """Composite prompts of this size where ``dlp-segment`` scores below a rival: the items' tasks, its answers and
+    the rival's (what the reader needs to see why a composite target was missed)."""
+    lines = []
+    for r in rows:
+        if str(r["n"]) != size:
+            continue
+        seg = sum(r["scores"]["dlp-segment"])
+        better = [x for x in rivals if x in r["scores"] and sum(r["scores"][x]) > seg]
+        if not better:
+            continue
+        tasks = ", ".join(it["task"] for it in r["items"])
+        refs = " / ".join(it["reference"] for it in r["items"])
+        lines.append(f"  - prompt {r['index']} ({tasks}; references {refs}): dlp-segment answers "
+                     f"{r['answers']['dlp-segment']}, {better[0]} answers {r['answers'][better[0]]}")
+        if len(lines) == k:
+            break
+    return lines
+
+
+def composite_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
     lines = []
     for n, size in (s.get("composite") or {}).items():
         seg = size.get("dlp-segment", {}).get("item_score")
@@ -117,12 +165,16 @@ def composite_targets(s: dict) -> list[str]:
             continue
         rivals = [x for x in ("top1", "dlp", "uniform", "multitask") if x in size]
         beaten = [x for x in rivals if seg > size[x]["item_score"]]
+        missed = len(beaten) < len(rivals)
         lines.append(f"- Composite-{n}: `dlp-segment` item score above {', '.join(rivals)}: "
                      f"{_verdict(len(beaten) == len(rivals))} (dlp-segment {_cell(seg)}; "
                      + ", ".join(f"{x} {_cell(size[x]['item_score'])}" for x in rivals)
                      + (f"; oracle-segment {_cell(size['oracle-segment']['item_score'])}" if "oracle-segment" in size else "")
                      + (f"; dlp-sentence {_cell(size['dlp-sentence']['item_score'])}" if "dlp-sentence" in size else "")
                      + ")")
+        examples = composite_examples(n, rows, [x for x in rivals if x not in beaten]) if missed and rows else []
+        if examples:
+            lines += ["  Examples where a rival scored more (from composite.jsonl):"] + examples
     return lines
 
 
@@ -149,14 +201,16 @@ def budget_lines(info: dict, times: dict) -> list[str]:
     return lines
 
 
-def section(s: dict, info: dict, times: dict, command: str) -> str:
+def section(s: dict, info: dict, times: dict, command: str, work: Path | None = None) -> str:
     routing = s.get("routing") or {}
-    lines = [BEGIN, f"## Paper reproduction: 21 real tasks ({s.get('model')})", "",
+    lines = [BEGIN, f"## Paper reproduction: {len(s['tasks'])} real tasks ({s.get('model')})", "",
              f"Re-created by [`scripts/reproduce_paper.sh`](scripts/reproduce_paper.sh) (`{command}`); small summary: "
              "[results/paper21/summary.json](results/paper21/summary.json). Scores in points (0-100), same test "
              "questions for every system, free generation.", "", "### Budget", ""]
     lines += budget_lines(info, times)
-    lines += ["", "### Targets", ""] + task_targets(s) + composite_targets(s)
+    preds = _read_jsonl(work / "eval" / "predictions.jsonl") if work else []
+    comps = _read_jsonl(work / "eval" / "composite.jsonl") if work else []
+    lines += ["", "### Targets", ""] + task_targets(s, preds) + composite_targets(s, comps)
     lines += ["", "### Scores per task", ""] + task_tables(s)
     if routing:
         lines += ["", f"Routing (dlp, per prompt): accuracy {_cell(routing.get('accuracy'))}, mean adapters selected "
@@ -192,7 +246,7 @@ def main(argv=None) -> int:
         info = training_info(work, times)
         atomic_write_json(Path(a.out) / "summary.json", s)
         atomic_write_json(Path(a.out) / "training.json", info)
-        write_section(Path(a.results_md), section(s, info, times, a.command))
+        write_section(Path(a.results_md), section(s, info, times, a.command, work))
     except DLPError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
