@@ -231,8 +231,10 @@ def _journal_inputs(cfg: EvalConfig, run: Run | None, tests: _TestSet) -> list[P
     paths = [Path(t.path) for t in tests.tasks if t.path]
     if run is not None:
         paths += list(run.adapter_dirs) + ([run.router_dir] if run.router_dir else [])
-    if "multitask" in cfg.systems:
-        paths.append(_multitask_dir(cfg, run))
+    if "multitask" in cfg.systems and cfg.multitask_adapter:
+        paths.append(Path(cfg.multitask_adapter))
+    elif "multitask" in cfg.systems and run is not None and run.root is not None:
+        paths.append(run.root / MULTITASK_DIR)
     return paths
 
 
