@@ -42,7 +42,8 @@ fi
 # Task LoRA budget, chosen from measured step times on this CPU (docs/lora.md, "Budget of the reproduction").
 STEPS="${STEPS:-40}" BATCH="${BATCH:-4}" MAX_LENGTH="${MAX_LENGTH:-320}" LR="${LR:-1e-3}" RANK="${RANK:-8}"
 MT_STEPS="${MT_STEPS:-200}"
-EVAL_THREADS="${EVAL_THREADS:-$(nproc)}"
+# (nproc itself honours the OMP_NUM_THREADS=1 exported above, hence env -u)
+EVAL_THREADS="${EVAL_THREADS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 TEST_N="${TEST_N:-50}" TRAIN_N="${TRAIN_N:-400}" LIMIT="${LIMIT:-50}" COMPOSITE_N="${COMPOSITE_N:-100}"
 SYSTEMS="base,single,dlp,dlp-sentence,dlp-segment,top1,multitask,uniform,oracle-segment"
 
