@@ -242,7 +242,9 @@ def main(argv=None) -> int:
         summary = read_json_file(work / "eval" / "summary.json")
         train_s = sum(float(times.get(k, 0.0)) for k in TRAIN_STAGES)
         s = paper_summary(summary, train_seconds=train_s, command=a.command)
-        s["seconds"]["eval"] = round(float(times.get("eval", s["seconds"]["eval"] or 0.0)), 2)
+        # the stage's wall time, or when the evaluation was resumed after a kill (whose stage time was never
+        # recorded) its own count: this process's time plus the generation seconds of the batches read back
+        s["seconds"]["eval"] = round(max(float(times.get("eval", 0.0)), float(summary.get("seconds") or 0.0)), 2)
         info = training_info(work, times)
         atomic_write_json(Path(a.out) / "summary.json", s)
         atomic_write_json(Path(a.out) / "training.json", info)

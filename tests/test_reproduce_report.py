@@ -40,7 +40,7 @@ def test_report_from_a_tiny_reproduction(tiny_run, tmp_path):
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(s) >= {"model", "tasks", "systems", "per_task", "averages", "routing", "composite", "seconds", "command"}
     assert s["tasks"] == ["arithmetic", "capitals", "word_sorting"]
-    assert s["seconds"]["train"] == 105.0 and s["seconds"]["eval"] == 60.0
+    assert s["seconds"]["train"] == 105.0 and s["seconds"]["eval"] >= 60.0
     assert set(s["composite"]) == {"2", "3"} and "dlp-segment" in s["composite"]["2"]
     assert all(0 <= v <= 100 for t in s["per_task"].values() for v in t["scores"].values())
     training = json.loads((tmp_path / "out" / "training.json").read_text())
