@@ -245,6 +245,7 @@ def main(argv=None) -> int:
         # the stage's wall time, or when the evaluation was resumed after a kill (whose stage time was never
         # recorded) its own count: this process's time plus the generation seconds of the batches read back
         s["seconds"]["eval"] = round(max(float(times.get("eval", 0.0)), float(summary.get("seconds") or 0.0)), 2)
+        times = {**times, "eval": s["seconds"]["eval"]}
         info = training_info(work, times)
         atomic_write_json(Path(a.out) / "summary.json", s)
         atomic_write_json(Path(a.out) / "training.json", info)
