@@ -1213,7 +1213,7 @@ def _plot_time(plt, summary: dict):
 
 def write_results_md(path, out_dir, summary: dict, md: str, commands_file=None) -> Path:
     """Write (or replace) this evaluation's section of a RESULTS.md; other sections are kept. The section holds
-    the exact eval command, the commands file given (e.g. scripts/results.sh) and the summary tables."""
+    the exact eval command, a link to the commands file given (e.g. scripts/results.sh) and the summary tables."""
     path = Path(path)
     name = Path(out_dir).name
     begin, end = f"<!-- dlp-lora eval: {name} -->", f"<!-- end dlp-lora eval: {name} -->"
@@ -1227,7 +1227,9 @@ def write_results_md(path, out_dir, summary: dict, md: str, commands_file=None) 
     if commands_file:
         cf = Path(commands_file)
         check(cf.is_file(), f"{cf}: --results-commands file not found")
-        sec += [f"Commands that built this run (`{cf}`):", "", "```bash", cf.read_text(encoding="utf-8").rstrip(), "```", ""]
+        # linked, not pasted: one script re-creates several sections, and RESULTS.md keeps to the tables
+        link = Path(os.path.relpath(cf.resolve(), path.resolve().parent)).as_posix()
+        sec += [f"Re-created by [`{link}`]({link}) (the commands that built this run).", ""]
     sec += [md.rstrip(), "", end]
     block = "\n".join(sec)
     if begin in old and end in old:

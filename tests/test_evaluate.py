@@ -380,7 +380,8 @@ def test_eval_command_end_to_end_on_tiny_model(cli, eval_run, tmp_path):
     assert cfg["limit"] == 3 and cfg["max_new_tokens"] == 6
 
     text = results.read_text()
-    assert "<!-- dlp-lora eval: tiny -->" in text and "dlp-lora train-lora ..." in text and s["command"] in text
+    assert "<!-- dlp-lora eval: tiny -->" in text and s["command"] in text
+    assert "Re-created by [`build.sh`](build.sh)" in text and "dlp-lora train-lora ..." not in text   # linked
 
     # refusing to overwrite: one-line error, the folder untouched
     before = (out / "summary.json").read_text()
