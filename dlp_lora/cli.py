@@ -341,7 +341,7 @@ def _p_eval(sub) -> None:
                    help="carry on an interrupted evaluation with the same settings from its journal "
                         "(.OUT.partial/, written as batches finish)")
     p.add_argument("--results-md", default=None, help="also write this run's section of a RESULTS.md")
-    p.add_argument("--results-commands", default=None, help="file of the commands that built the run (quoted in RESULTS.md)")
+    p.add_argument("--results-commands", default=None, help="file of the commands that built the run (linked from RESULTS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

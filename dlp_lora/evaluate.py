@@ -86,7 +86,7 @@ class EvalConfig:
     dtype: str = "auto"                     # model dtype (auto | fp32 | bf16 | fp16)
     overwrite: bool = False                 # replace an existing out_dir
     results_md: str = ""                    # also write this evaluation's section of a RESULTS.md
-    results_commands: str = ""              # file of the commands that built the run (quoted in RESULTS.md)
+    results_commands: str = ""              # file of the commands that built the run (linked from RESULTS.md)
     command: str = ""                       # the command line recorded in summary.json
 
     def __post_init__(self) -> None:
