@@ -157,6 +157,18 @@ def composite_examples(size: str, rows: list[dict], rivals: list[str], k: int = 
     return lines
 
 
+def short_answers(size: str, rows: list[dict], systems: list[str]) -> str:
+    """Per system, the share of composite answers with fewer non-empty lines than questions (in points): a system
+    that answers one question and stops cannot score on the others, whatever its routing."""
+    mine = [r for r in rows if str(r["n"]) == size]
+    if not mine:
+        return ""
+    def share(x):
+        short = sum(1 for r in mine if len([ln for ln in r["outputs"][x].splitlines() if ln.strip()]) < len(r["items"]))
+        return f"{x} {100 * short / len(mine):.0f}"
+    return ", ".join(share(x) for x in systems if x in mine[0]["outputs"])
+
+
 def composite_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
     lines = []
     for n, size in (s.get("composite") or {}).items():
@@ -175,10 +187,13 @@ def composite_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
         examples = composite_examples(n, rows, [x for x in rivals if x not in beaten]) if missed and rows else []
         if examples:
             lines += ["  Examples where a rival scored more (from composite.jsonl):"] + examples
+        if rows:
+            lines.append(f"  Answers with fewer lines than questions (% of prompts, composite.jsonl): "
+                         f"{short_answers(n, rows, list(size))}")
     return lines
 
 
-def budget_lines(info: dict, times: dict) -> list[str]:
+def budget_lines(info: dict, times: dict, resumed: int = 0) -> list[str]:
     c, mt = info["config"], info["multitask"]
     steps = [r["steps"] for r in info["adapters"].values()]
     total_task_steps = sum(steps)
@@ -197,17 +212,19 @@ def budget_lines(info: dict, times: dict) -> list[str]:
                         f"({'flattened' if flat[1] > 0.9 * flat[0] else 'still falling'})." if flat else "."))
     lines.append("Measured wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
                  + f"; total {total / 60:.0f} min ({'within' if total <= BUDGET_MINUTES * 60 else 'over'} the "
-                 f"{BUDGET_MINUTES}-minute budget).")
+                 f"{BUDGET_MINUTES}-minute budget)."
+                 + (f" The evaluation was interrupted and resumed: {resumed} batches were read back from its journal "
+                    "and count with the seconds measured when they ran." if resumed else ""))
     return lines
 
 
-def section(s: dict, info: dict, times: dict, command: str, work: Path | None = None) -> str:
+def section(s: dict, info: dict, times: dict, command: str, work: Path | None = None, resumed: int = 0) -> str:
     routing = s.get("routing") or {}
     lines = [BEGIN, f"## Paper reproduction: {len(s['tasks'])} real tasks ({s.get('model')})", "",
              f"Re-created by [`scripts/reproduce_paper.sh`](scripts/reproduce_paper.sh) (`{command}`); small summary: "
              "[results/paper21/summary.json](results/paper21/summary.json). Scores in points (0-100), same test "
              "questions for every system, free generation.", "", "### Budget", ""]
-    lines += budget_lines(info, times)
+    lines += budget_lines(info, times, resumed)
     preds = _read_jsonl(work / "eval" / "predictions.jsonl") if work else []
     comps = _read_jsonl(work / "eval" / "composite.jsonl") if work else []
     lines += ["", "### Targets", ""] + task_targets(s, preds) + composite_targets(s, comps)
@@ -249,7 +266,7 @@ def main(argv=None) -> int:
         info = training_info(work, times)
         atomic_write_json(Path(a.out) / "summary.json", s)
         atomic_write_json(Path(a.out) / "training.json", info)
-        write_section(Path(a.results_md), section(s, info, times, a.command, work))
+        write_section(Path(a.results_md), section(s, info, times, a.command, work, int(summary.get("resumed_batches") or 0)))
     except DLPError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
