@@ -566,8 +566,11 @@ class EvalJournal:
     def put(self, what: str, start: int, system: str, rows: list[int], results: list, seconds: float) -> None:
         line = json.dumps({"what": what, "start": start, "system": system, "rows": rows, "seconds": seconds,
                            "results": [dataclasses.asdict(r) for r in results]})
-        with open(self.folder / "journal.jsonl", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            with open(self.folder / "journal.jsonl", "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:   # a full disk: one line, and the batches journaled so far stay resumable
+            raise DLPError(f"{self.folder}: cannot write the evaluation journal ({e.strerror or e})") from None
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
