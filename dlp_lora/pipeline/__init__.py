@@ -219,10 +219,7 @@ class DLPPipeline:
         ``batch_size`` rows decode together; a waiting prompt joins as soon as a row finishes. ``merge=True``
         generates one prompt at a time with the mixture folded into the weights (≈0 per-token overhead)."""
         requests = self._requests(prompts, selection, weights, segment_weights, max_new_tokens, temperature,
-                                  top_p_sampling, seed, stop, chat, on_text)
-        for r, flag in zip(requests, _row_list(ignore_eos, len(requests), "ignore_eos")):
-            r.ignore_eos = flag
-            r.check()
+                                  top_p_sampling, seed, stop, chat, on_text, ignore_eos)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DLPError(f"batch_size: must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult | None] = [None] * len(requests)
@@ -237,7 +234,7 @@ class DLPPipeline:
         return results
 
     def _requests(self, prompts, selection, weights, segment_weights, max_new_tokens, temperature,
-                  top_p_sampling, seed, stop, chat, on_text) -> list[DecodeRequest]:
+                  top_p_sampling, seed, stop, chat, on_text, ignore_eos=False) -> list[DecodeRequest]:
         """One checked :class:`DecodeRequest` per prompt; every error is raised before any decoding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
@@ -248,9 +245,10 @@ class DLPPipeline:
         max_new, temps = _row_list(max_new_tokens, n, "max_new_tokens"), _row_list(temperature, n, "temperature")
         forced, stops = self._forced(weights, n), _stop_lists(stop, n)
         segs = [None] * n if segment_weights is None else _row_list(segment_weights, n, "segment_weights")
+        no_eos = _row_list(ignore_eos, n, "ignore_eos")
         reqs = [DecodeRequest(prompt=p, selection=sel, weights=forced[i], segment_weights=segs[i],
                               max_new_tokens=max_new[i], temperature=temps[i], top_p_sampling=top_p_sampling,
-                              seed=None if seed is None else seed + i, stop=stops[i], chat=chat,
+                              seed=None if seed is None else seed + i, stop=stops[i], ignore_eos=no_eos[i], chat=chat,
                               on_text=None if on_text is None else functools.partial(on_text, i), tag=i)
                 for i, p in enumerate(prompts)]
         for r in reqs:
