@@ -548,20 +548,26 @@ class EvalJournal:
         for line in lines[1:]:
             try:
                 e = json.loads(line)
-            except ValueError:      # the last line of a run killed while writing it
+                key = (str(e["what"]), int(e["start"]), str(e["system"]), tuple(int(i) for i in e["rows"]))
+                took, results = float(e["seconds"]), [dict(r) for r in e["results"]]
+            except (ValueError, KeyError, TypeError):   # a line cut by a kill (or mangled): the rest is redone
                 break
-            entries[(e["what"], e["start"], e["system"], tuple(e["rows"]))] = (e["results"], e["seconds"])
-            seconds += e["seconds"] * len(e["rows"])
+            entries[key] = (results, took)
+            seconds += took * len(key[3])
         return cls(folder, entries, seconds)
 
     def get(self, what: str, start: int, system: str, rows: list[int]) -> tuple[list, float] | None:
         from .pipeline import GenerationResult
 
         hit = self.entries.get((what, start, system, tuple(rows)))
-        if hit is None:
+        if hit is None or len(hit[0]) != len(rows):
+            return None
+        try:
+            results = [GenerationResult(**r) for r in hit[0]]
+        except TypeError:                       # not a result this version writes: generate the batch again
             return None
         self.replayed += 1
-        return [GenerationResult(**r) for r in hit[0]], hit[1]
+        return results, hit[1]
 
     def put(self, what: str, start: int, system: str, rows: list[int], results: list, seconds: float) -> None:
         line = json.dumps({"what": what, "start": start, "system": system, "rows": rows, "seconds": seconds,
