@@ -196,6 +196,8 @@ def cmd_train_lora(args) -> int:
     given = {field: getattr(args, opt) for opt, field in _TRAIN_FIELDS.items() if getattr(args, opt) is not None}
     if args.rslora:
         given["use_rslora"] = True
+    if args.no_group_by_length:
+        given["group_by_length"] = False
     try:
         config = LoRATrainConfig(**given)
     except DLPError as e:
@@ -257,6 +259,8 @@ def _p_train_lora(sub) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 on a bf16-capable GPU, else fp32 (default auto)")
     p.add_argument("--rslora", action="store_true", help="rank-stabilised LoRA scale alpha/sqrt(r)")
+    p.add_argument("--no-group-by-length", action="store_true", help="plain random batches (default: batches "
+                   "of records of similar length, less padding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing adapter folders")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint "
                    "(finished adapters are kept)")

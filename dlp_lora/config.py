@@ -386,6 +386,7 @@ class LoRATrainConfig:
     save_steps: int = 50                    # checkpoint every N steps (resumable with --resume)
     logging_steps: int = 5                  # log the loss every N steps
     seed: int = 0                           # seed for shuffling and LoRA init
+    group_by_length: bool = True            # batch records of similar length (HF LengthGroupedSampler): less padding
     precision: str = "auto"                 # "auto" (bf16 on a bf16-capable GPU, else fp32), "bf16", "fp32"
 
     def __post_init__(self) -> None:
@@ -404,6 +405,7 @@ class LoRATrainConfig:
         check(self.save_steps > 0 and self.logging_steps > 0, "save_steps and logging_steps must be > 0")
         check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto|bf16|fp32, got {self.precision!r}")
         check_int("seed", self.seed, 0, SEED_MAX)
+        check(isinstance(self.group_by_length, bool), f"group_by_length must be true or false, got {self.group_by_length!r}")
 
     def target_list(self) -> list[str] | str:
         """Target modules as PEFT expects them: a list of names, or the string "all-linear"."""
