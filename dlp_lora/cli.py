@@ -283,7 +283,8 @@ def cmd_eval(args) -> int:
     given = {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
     cfg = EvalConfig(run_dir=args.run, data=args.data or [], data_dir=args.data_dir or "", out_dir=args.out,
                      selection=selection_from_args(args), auto_budget=not args.fixed_length, overwrite=args.overwrite,
-                     reuse=not args.no_reuse, resume=args.resume, command=command_line(_eval_argv(args)), **given)
+                     reuse=not args.no_reuse, resume=args.resume, composite_scaffold=args.composite_scaffold,
+                     command=command_line(_eval_argv(args)), **given)
     summary = evaluate(cfg, progress=not args.no_progress)
     print(summary_markdown(summary))
     print(f"wrote {args.out}" + (f" and {args.results_md}" if args.results_md else ""))
@@ -302,7 +303,7 @@ def _eval_argv(args) -> list[str]:
             argv += [flag, str(value)]
     for m in args.metric or []:
         argv += ["--metric", m]
-    argv += [flag for flag in ("--fixed-length", "--no-reuse", "--overwrite", "--resume") if getattr(args, flag[2:].replace("-", "_"))]
+    argv += [flag for flag in ("--fixed-length", "--no-reuse", "--composite-scaffold", "--overwrite", "--resume") if getattr(args, flag[2:].replace("-", "_"))]
     return argv
 
 
@@ -337,6 +338,10 @@ def _p_eval(sub) -> None:
                    help="also evaluate composite prompts of N questions from N different tasks (e.g. 2,3)")
     p.add_argument("--composite-n", type=int, default=None,
                    help=f"composite prompts per size (default {d.composite_n})")
+    p.add_argument("--composite-scaffold", action="store_true",
+                   help="composite prompts: write each answer's label 'i.' into the output by force, answer i "
+                        "ending at its line break, EOS or its task's token budget (for adapters that answer one "
+                        "question and stop; the format rate is then 100 by construction)")
     p.add_argument("--seed", type=int, default=None, help=f"seed of the composite prompts (default {d.seed})")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder, e.g. TestOutputs/NAME (refused if it exists)")

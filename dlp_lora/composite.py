@@ -46,6 +46,7 @@ class CompositeItem:
     reference: str                          # the reference answer
     metric: str                             # the task's metric (see dlp_lora.metrics)
     choices: tuple | None = None            # MCQ options, when the task has them
+    budget: int = 0                         # token budget of its answer (its task's; the scaffold's cap, 0 = none)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,7 @@ ROUTED = ("dlp", "dlp-sentence", "dlp-segment", "top1")     # need the run's rou
 ORACLE = ("single", "oracle-segment")                          # use the true task's adapter
 COMPOSITE_ONLY = ("dlp-segment", "oracle-segment")            # their mixtures follow numbered questions
 PER_TASK_ONLY = ("single",)                                    # one true task per prompt
+SCAFFOLD_LABEL_TOKENS = 4   # budget added per answer for its forced label ("\n12." is 3 tokens in common tokenizers)
 MIXTURE_REPORTED = ("dlp", "dlp-sentence")                     # the first of these present gives the routing report
 # eval's dlp routes once per prompt (the original code's protocol); dlp-sentence/-segment change only this
 EVAL_SELECTION = SelectionConfig(granularity="prompt")
@@ -81,6 +82,7 @@ class EvalConfig:
     metrics: dict = dataclasses.field(default_factory=dict)  # task -> metric overrides (--metric task=metric)
     composite: list = dataclasses.field(default_factory=list)  # composite prompt sizes N, e.g. [2, 3] ([] = none)
     composite_n: int = 100                  # composite prompts per size
+    composite_scaffold: bool = False        # force each answer's label "i." into the output (pipeline/scaffold.py)
     seed: int = 0                           # seed of the composite prompts' draw
     device: str = ""                        # cpu | cuda ("" = cuda when available)
     dtype: str = "auto"                     # model dtype (auto | fp32 | bf16 | fp16)
@@ -105,6 +107,7 @@ class EvalConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        check(isinstance(self.composite_scaffold, bool), "composite_scaffold must be true or false")
         only = [s for s in self.systems if s in COMPOSITE_ONLY]
         check(not only or bool(self.composite), f"systems: {', '.join(only)} run on composite prompts only "
                                                  f"(add --composite N)")
@@ -438,10 +441,19 @@ def _generate(system: str, pipes: _Pipes, rows: Sequence, budgets: Sequence[int]
               mix: dict | None = None) -> list:
     pipe = _pipe_of(system, pipes)
     mix = _mixture(system, pipe, rows, cfg.selection) if mix is None else mix
-    res = pipe.generate([r.prompt for r in rows], **mix, max_new_tokens=list(budgets), temperature=0.0, chat=True,
-                        batch_size=len(rows))
+    res = pipe.generate([r.prompt for r in rows], **mix, **_scaffold(rows, cfg), max_new_tokens=list(budgets),
+                        temperature=0.0, chat=True, batch_size=len(rows))
     check(len(res) == len(rows), f"pipeline returned {len(res)} results for {len(rows)} prompts")
     return res
+
+
+def _scaffold(rows: Sequence, cfg: EvalConfig) -> dict:
+    """With ``composite_scaffold``, composite rows get their answer labels forced, each answer capped at its own
+    task's token budget (the same for every system)."""
+    if not cfg.composite_scaffold or not rows or not isinstance(rows[0], CompositePrompt):
+        return {}
+    return {"answer_labels": [[f"{i}." for i in range(1, len(r.items) + 1)] for r in rows],
+            "answer_tokens": [[it.budget for it in r.items] for r in rows]}
 
 
 FIXED_MIXTURE = ("base", "single", "top1", "multitask", "uniform")   # one forced mixture for the whole answer
@@ -683,12 +695,12 @@ def _run_interleaved(systems: list[str], pipes: _Pipes, rows: Sequence, budgets:
 
 # ---- composite prompts -----------------------------------------------------------------------------------------
 
-def _composite_pools(tests: _TestSet) -> dict[str, list[CompositeItem]]:
+def _composite_pools(tests: _TestSet, budgets: dict[str, int]) -> dict[str, list[CompositeItem]]:
     """Every unseen test question of every task (not only the first ``limit``), ready to be scored."""
     pools = {}
     for t in tests.tasks:
         pools[t.name] = [CompositeItem(t.name, r.question, r.answer, tests.metric[t.name],
-                                       tuple(r.choices or tests.choices[t.name] or ()) or None)
+                                       tuple(r.choices or tests.choices[t.name] or ()) or None, budgets[t.name])
                          for r in tests.kept[t.name]]
     return pools
 
@@ -696,20 +708,22 @@ def _composite_pools(tests: _TestSet) -> dict[str, list[CompositeItem]]:
 def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budgets: dict[str, int],
                          progress: bool, journal: EvalJournal | None = None) -> tuple[dict, list[dict]]:
     """Per composite size N: ``composite_n`` prompts (fixed seed), every composite system interleaved as in the
-    per-task loop; a prompt's token budget is the sum of its questions' task budgets."""
+    per-task loop; a prompt's token budget is the sum of its questions' task budgets (with the scaffold, plus
+    room for the forced labels)."""
     systems = [s for s in cfg.systems if s not in PER_TASK_ONLY]
     skipped = {s: "needs one true task per prompt" for s in cfg.systems if s in PER_TASK_ONLY}
     report: dict[str, dict] = {}
     rows: list[dict] = []
-    pools = _composite_pools(tests) if cfg.composite else {}
+    pools = _composite_pools(tests, budgets) if cfg.composite else {}
     for n in cfg.composite:
         prompts = build_composites(pools, n, cfg.composite_n, cfg.seed)
-        bud = [sum(budgets[t] for t in p.tasks) for p in prompts]
+        labels = SCAFFOLD_LABEL_TOKENS * n if cfg.composite_scaffold else 0
+        bud = [sum(budgets[t] for t in p.tasks) + labels for p in prompts]
         outputs, timing, rowinfo = _run_interleaved(systems, pipes, prompts, bud, cfg, progress,
                                                     what=f"composite-{n}", journal=journal)
         scored = {s: [score_composite(outputs[s][i].text, p) for i, p in enumerate(prompts)] for s in systems}
         report[str(n)] = {
-            "prompts": len(prompts), "skipped": skipped,
+            "prompts": len(prompts), "skipped": skipped, "scaffold": cfg.composite_scaffold,
             "scores": {s: {**composite_figures(scored[s]),
                            "seconds_per_prompt": timing[s]["seconds"] / timing[s]["samples"]
                            if timing[s]["samples"] else None,

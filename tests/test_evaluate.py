@@ -451,6 +451,32 @@ def test_every_system_and_composite_on_the_shared_tiny_run(cli, tiny_run, tmp_pa
     assert set(ps["composite"]) == {"2", "3"} and ps["seconds"]["eval"] > 0 and ps["seconds"]["train"] > 0
 
 
+def test_composite_scaffold_answers_every_item_on_its_label(cli, tiny_run, tmp_path):
+    """--composite-scaffold: every system's output carries the labels 1. .. N. in order, each answer within its
+    task's budget, so the format rate is 100 and the items are scored from what follows each label."""
+    from dlp_lora.composite import numbered_answers
+    from dlp_lora.tasks import write_builtin_tasks
+
+    test = tmp_path / "test"
+    write_builtin_tasks(test, n=4, seed=3, tasks=["arithmetic", "capitals", "word_sorting"])
+    out = tmp_path / "o"
+    res = cli("eval", "--run", tiny_run, "--data-dir", test, "--systems", "base,dlp,dlp-segment,oracle-segment",
+              "--limit", "1", "--max-new-tokens", "3", "--fixed-length", "--composite", "2,3", "--composite-n", "2",
+              "--composite-scaffold", "--batch-size", "2", "--out", out, "--no-progress", "--device", "cpu")
+    assert res.code == 0, res
+    s = json.loads((out / "summary.json").read_text())
+    assert "--composite-scaffold" in s["command"]
+    assert json.loads((out / "config.json").read_text())["composite_scaffold"] is True
+    for r in (json.loads(l) for l in (out / "composite.jsonl").read_text().splitlines()):
+        assert s["composite"][str(r["n"])]["scaffold"] is True
+        for system, text in r["outputs"].items():
+            labels = [l.split(".", 1)[0] for l in text.splitlines() if l[:1].isdigit() and "." in l[:3]]
+            assert labels[: r["n"]] == [str(i) for i in range(1, r["n"] + 1)], (system, text)
+            assert r["answers"][system] == numbered_answers(text, r["n"])
+    for size in s["composite"].values():
+        assert all(f["format_rate"] == 100.0 for f in size["scores"].values())
+
+
 def test_base_system_equals_plain_generation(eval_run, tmp_path):
     """The base system is the base model: all-zero weights give the same greedy text as the unadapted model."""
     from dlp_lora.data import format_prompt

@@ -484,6 +484,51 @@ def test_segment_mixture_switches_exactly_at_the_answer_label(make_pipe, monkeyp
     assert len(seen[0]) == len(out) and all(torch.allclose(g, e, atol=1e-4) for g, e in zip(seen[0], want))
 
 
+def test_answer_scaffold_forces_each_label_and_switches_the_segment_mixture_at_it(make_pipe, monkeypatch):
+    """The model says " Red", then EOS (replaced by the forced "\n2."), then " Four" and a line break (the last
+    answer's end). Its logits at every step equal a naive full recompute with item 1's mixture up to the "." of
+    the forced "2." and item 2's from there on."""
+    router = StubRouter({"colour": 0, "plus": 2})
+    pipe = make_pipe(router)
+    tok = pipe.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False)                       # noqa: E731
+    eos = min(pipe.eos_ids)
+    prompt = "Answer each question on its own numbered line.\n1. Name a colour.\n2. What is two plus two?"
+    l1, red, l2, four, nl = enc("1."), enc(" Red"), enc("\n2."), enc(" Four"), enc("\n")
+    # what the model "chooses" at each step: anything (EOS here) where a label is forced
+    script = [eos] * len(l1) + red + [eos] + [eos] * (len(l2) - 1) + four + nl
+    out = l1 + red + l2 + four + nl
+    seen = _script(monkeypatch, [script])
+    res = pipe.generate([prompt], SelectionConfig(granularity="segment"), max_new_tokens=40,
+                        answer_labels=[["1.", "2."]])[0]
+    assert res.text == tok.decode(out) and res.finish_reason == "stop" and res.completion_tokens == len(out)
+    w1, w2 = (select_top_p(router.probs([q]), 0.8)[0] for q in ("Name a colour.", "What is two plus two?"))
+    label2 = len(l1) + len(red) + len(l2) - 1                    # the "." of the forced "2."
+    gen_w = [w1 if j < label2 else w2 for j in range(len(out))]
+    prompt_w = _prompt_token_weights(tok, prompt, [("1. Name", w1), ("2. What", w2)])
+    want = _naive_step_logits(pipe, prompt, out, prompt_w, gen_w)
+    assert len(seen[0]) == len(out) and all(torch.allclose(g, e, atol=1e-4) for g, e in zip(seen[0], want))
+
+
+def test_answer_scaffold_caps_each_answer_and_keeps_rows_independent(make_pipe, monkeypatch):
+    pipe = make_pipe()
+    tok = pipe.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False)                       # noqa: E731
+    a = enc(" a")[0]
+    _script(monkeypatch, [[a] * 30, [a] * 30])           # never a line break, never EOS
+    res = pipe.generate(["1. x\n2. y", "Hi"], weights={"alpha": 1.0}, max_new_tokens=[40, 5],
+                        answer_labels=[["1.", "2.", "3."], None], answer_tokens=[[2, 3, 1], None])
+    assert res[0].text == tok.decode(enc("1.") + [a, a] + enc("\n2.") + [a] * 3 + enc("\n3.") + [a])
+    assert res[0].finish_reason == "length"              # the last answer's own cap
+    assert res[1].text == tok.decode([a] * 5) and res[1].finish_reason == "length"   # no scaffold: untouched
+    with pytest.raises(DLPError, match="answer_tokens: expected one positive integer per answer label"):
+        pipe.generate(["q"], weights={"alpha": 1.0}, answer_labels=[["1.", "2."]], answer_tokens=[[3]])
+    with pytest.raises(DLPError, match="answer_labels: expected a list of non-empty strings"):
+        pipe.generate(["q"], weights={"alpha": 1.0}, answer_labels=[["1.", ""]])
+    with pytest.raises(DLPError, match="answer_labels: expected one list per prompt"):
+        pipe.generate(["q"], weights={"alpha": 1.0}, answer_labels=["1.", "2."])
+
+
 def test_forced_segment_weights_and_prompts_without_items(make_pipe):
     router = StubRouter({"colour": 0, "plus": 2})
     pipe = make_pipe(router)

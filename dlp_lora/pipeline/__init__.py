@@ -74,6 +74,17 @@ def _row_list(value, n: int, name: str) -> list:
     return [value] * n
 
 
+def _per_row(value, n: int, name: str) -> list:
+    """None (nothing for any row) or a per-row list of (None | list): each row's own list, () for None."""
+    if value is None:
+        return [()] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise DLPError(f"{name}: expected one list per prompt ({n})")
+    if not all(v is None or isinstance(v, (list, tuple)) for v in value):
+        raise DLPError(f"{name}: expected one list (or None) per prompt")
+    return [() if v is None else tuple(v) for v in value]
+
+
 def _stop_lists(stop, n: int) -> list[list[str]]:
     """``stop``: None | str | list[str] (shared by all rows) | per-row list of (None | str | list[str])."""
     def one(s, where):
@@ -208,18 +219,22 @@ class DLPPipeline:
                  segment_weights=None, max_new_tokens=64, temperature=0.0, top_p_sampling: float = 1.0,
                  seed: int | None = None, stop=None, chat: bool = True,
                  on_text: Callable[[int, str], Any] | None = None, batch_size: int = 16,
-                 merge: bool = False, ignore_eos=False) -> list[GenerationResult]:
+                 merge: bool = False, ignore_eos=False, answer_labels=None,
+                 answer_tokens=None) -> list[GenerationResult]:
         """Generate for every prompt, in prompt order. ``selection``: top-p, weighting, caps and granularity
         (default :class:`SelectionConfig`). ``weights`` forces a mixture: a ``(B, N)`` tensor or a per-row list of
         ``None`` (route) | ``{task: weight}`` | ``(N,)`` tensor; all-zero = base model. ``segment_weights`` forces
         one mixture per numbered item of each prompt (segment granularity): a per-row list of ``None`` | list of
         mixtures. ``max_new_tokens``, ``temperature`` and ``stop`` may be per row; row i samples with seed
         ``seed + i``. ``on_text(row, delta)`` streams text; returning True cancels that row. ``ignore_eos`` (may
-        be per row) goes on past EOS up to ``max_new_tokens``, as serving benchmarks do. Up to
+        be per row) goes on past EOS up to ``max_new_tokens``, as serving benchmarks do. ``answer_labels``: a
+        per-row list of label lists (None: no scaffold) forced into the output one answer at a time, with
+        ``answer_tokens`` (per row: a cap per answer) - see :mod:`dlp_lora.pipeline.scaffold`. Up to
         ``batch_size`` rows decode together; a waiting prompt joins as soon as a row finishes. ``merge=True``
         generates one prompt at a time with the mixture folded into the weights (≈0 per-token overhead)."""
         requests = self._requests(prompts, selection, weights, segment_weights, max_new_tokens, temperature,
-                                  top_p_sampling, seed, stop, chat, on_text, ignore_eos)
+                                  top_p_sampling, seed, stop, chat, on_text, ignore_eos, answer_labels,
+                                  answer_tokens)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DLPError(f"batch_size: must be a positive integer, got {batch_size!r}")
         results: list[GenerationResult | None] = [None] * len(requests)
@@ -234,7 +249,8 @@ class DLPPipeline:
         return results
 
     def _requests(self, prompts, selection, weights, segment_weights, max_new_tokens, temperature,
-                  top_p_sampling, seed, stop, chat, on_text, ignore_eos=False) -> list[DecodeRequest]:
+                  top_p_sampling, seed, stop, chat, on_text, ignore_eos=False, answer_labels=None,
+                  answer_tokens=None) -> list[DecodeRequest]:
         """One checked :class:`DecodeRequest` per prompt; every error is raised before any decoding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
@@ -246,9 +262,12 @@ class DLPPipeline:
         forced, stops = self._forced(weights, n), _stop_lists(stop, n)
         segs = [None] * n if segment_weights is None else _row_list(segment_weights, n, "segment_weights")
         no_eos = _row_list(ignore_eos, n, "ignore_eos")
+        labels = _per_row(answer_labels, n, "answer_labels")
+        caps = _per_row(answer_tokens, n, "answer_tokens")
         reqs = [DecodeRequest(prompt=p, selection=sel, weights=forced[i], segment_weights=segs[i],
                               max_new_tokens=max_new[i], temperature=temps[i], top_p_sampling=top_p_sampling,
                               seed=None if seed is None else seed + i, stop=stops[i], ignore_eos=no_eos[i], chat=chat,
+                              answer_labels=labels[i], answer_tokens=caps[i],
                               on_text=None if on_text is None else functools.partial(on_text, i), tag=i)
                 for i, p in enumerate(prompts)]
         for r in reqs:

@@ -38,6 +38,7 @@ from ..data import format_prompt
 from ..models import context_length
 from ..selection import SelectionConfig
 from .granularity import prefill_weights
+from .scaffold import AnswerScaffold
 
 
 @dataclasses.dataclass
@@ -69,6 +70,8 @@ class DecodeRequest:
     seed: int | None = None                 # seeds this row's own sampler (independent of the other rows)
     stop: Sequence[str] = ()                # stop strings (never part of the text or the stream)
     ignore_eos: bool = False                # go on past EOS up to max_new_tokens (benchmarks; vLLM's ignore_eos)
+    answer_labels: Sequence[str] = ()       # answer scaffold: labels forced into the output (scaffold.py); () = none
+    answer_tokens: Sequence[int] = ()       # with answer_labels: most generated tokens per answer (() = no cap)
     chat: bool = True                       # apply the tokenizer's chat template
     on_text: Callable[[str], Any] | None = None   # called with each streamed piece; returning True cancels
     tag: Any = None                         # the caller's id for the row (generate: the prompt's index)
@@ -94,6 +97,11 @@ class DecodeRequest:
             raise DLPError("stop: expected a list of strings")
         if not isinstance(self.ignore_eos, bool):
             raise DLPError(f"ignore_eos: expected true or false, got {self.ignore_eos!r}")
+        labels, caps = self.answer_labels, self.answer_tokens
+        if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+            raise DLPError("answer_labels: expected a list of non-empty strings")
+        if caps and (len(caps) != len(labels) or not all(type(c) is int and c > 0 for c in caps)):
+            raise DLPError(f"answer_tokens: expected one positive integer per answer label ({len(labels)})")
 
 
 class DecodeRow:
@@ -112,6 +120,7 @@ class DecodeRow:
         self.finish: str | None = None
         self.seconds = 0.0
         self.gen = None if request.seed is None else torch.Generator(device=device).manual_seed(request.seed)
+        self.scaffold: AnswerScaffold | None = None   # set by the batch when the request has answer labels
         self._t0 = time.perf_counter()
         self._emitted = 0
         self._prefix_off = self._read_off = 0
@@ -283,6 +292,10 @@ class DecodeBatch:
                   return_offsets_mapping=per_token and getattr(tok, "is_fast", False))
         rows = [DecodeRow(r, m, routing, int(enc["attention_mask"][b].sum()), dev)
                 for b, (r, (m, routing)) in enumerate(zip(requests, planned))]
+        for row in rows:
+            if row.request.answer_labels:
+                row.scaffold = AnswerScaffold(row.request.answer_labels, row.request.answer_tokens,
+                                              lambda s: tok.encode(s, add_special_tokens=False))
         self._check_context(rows)
         pre = prefill_weights([row.mixture for row in rows], [r.prompt for r in requests], texts, enc)
         mask = enc["attention_mask"].to(dev)
@@ -350,6 +363,8 @@ class DecodeBatch:
         if not self.rows:
             return []
         chosen = choose_tokens(self._logits, self.rows)
+        if any(row.scaffold is not None for row in self.rows):
+            chosen = self._scaffolded(chosen)
         to_route = []
         for b, (row, t) in enumerate(zip(self.rows, chosen.tolist())):   # the one host sync of a step
             sentence = self._advance(b, row, t)
@@ -363,6 +378,14 @@ class DecodeBatch:
             self._forward(chosen)
         return done
 
+    def _scaffolded(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Forced answer labels replace the model's choice (and EOS while a scaffold has labels left)."""
+        toks = chosen.tolist()
+        for b, row in enumerate(self.rows):
+            if row.scaffold is not None:
+                toks[b] = row.scaffold.choose(toks[b], self.pipe.eos_ids)
+        return torch.tensor(toks, dtype=chosen.dtype, device=chosen.device)
+
     def _advance(self, b: int, row: DecodeRow, token: int) -> str:
         """Take one token into ``row``; returns a completed output sentence to route ("" when none)."""
         if row._cancel:
@@ -374,14 +397,20 @@ class DecodeBatch:
             row._end("stop")
         else:
             delta = self._detok(row)
+            forced = row.scaffold is not None and row.scaffold.forcing
             if delta:
                 row.text += delta
-                self._check_stops(row, delta)
+                if not forced:              # a forced label ("\n2.") is not the model's stop string
+                    self._check_stops(row, delta)
                 if row.finish is None:
                     switched, sentence = row.mixture.follow(row.text)
                     if switched:
                         self._cur[b] = row.mixture.current
                         self._dirty = True
+            if row.finish is None and row.scaffold is not None:
+                reason = row.scaffold.took(row.text)
+                if reason:
+                    row._end(reason)
             if row.finish is None and len(row.ids) >= row.request.max_new_tokens:
                 row._end("length")
         if self._emit(row, final=row.finish is not None) and row.finish is None:
