@@ -12,7 +12,8 @@
 # repository: checkpoints and weights never land in git). Stage times: $WORK/stage_times.json.
 # Environment: MODEL, WORK, SHARED_DATA (default ../shared/data from the repository), JOBS (LoRA trainings at once,
 # default 2 on a CPU: one per core, each with one BLAS thread), STEPS/BATCH/MAX_LENGTH/LR (task LoRA budget),
-# MT_STEPS (multitask LoRA), TEST_N/TRAIN_N (split), LIMIT/COMPOSITE_N/EVAL_THREADS (evaluation), PY (the Python).
+# MT_STEPS (multitask LoRA; default: the task LoRAs' steps together, the fair budget), TEST_N/TRAIN_N (split),
+# LIMIT/COMPOSITE_N/COMPOSITE_SCAFFOLD/EVAL_THREADS (evaluation), PY (the Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -41,10 +42,15 @@ fi
 
 # Task LoRA budget, chosen from measured step times on this CPU (docs/lora.md, "Budget of the reproduction").
 STEPS="${STEPS:-40}" BATCH="${BATCH:-4}" MAX_LENGTH="${MAX_LENGTH:-320}" LR="${LR:-1e-3}" RANK="${RANK:-8}"
-MT_STEPS="${MT_STEPS:-200}"
+MT_STEPS="${MT_STEPS:-fair}"   # fair: STEPS x the number of tasks (set after the split)
 # (nproc itself honours the OMP_NUM_THREADS=1 exported above, hence env -u)
 EVAL_THREADS="${EVAL_THREADS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 TEST_N="${TEST_N:-50}" TRAIN_N="${TRAIN_N:-400}" LIMIT="${LIMIT:-50}" COMPOSITE_N="${COMPOSITE_N:-100}"
+# 1: composite answers on forced labels (dlp-lora eval --composite-scaffold). The adapters of this run are trained
+# on one bare answer then EOS, so under the free protocol they answer the first question and stop (measured: 98-100 %
+# of their composite answers are one line), which scores the format, not the routing. 0: the free protocol.
+COMPOSITE_SCAFFOLD="${COMPOSITE_SCAFFOLD:-1}"
+if [ "$COMPOSITE_SCAFFOLD" = 1 ]; then SCAFFOLD_FLAG=--composite-scaffold; else SCAFFOLD_FLAG=; fi
 SYSTEMS="base,single,dlp,dlp-sentence,dlp-segment,top1,multitask,uniform,oracle-segment"
 
 DLP="nice -n 10 $PY -m dlp_lora"
@@ -52,7 +58,7 @@ RUN="$WORK/run"
 TIMES="$WORK/stage_times.json"
 mkdir -p "$WORK"
 echo "reproduce_paper: model=$MODEL work=$WORK shared=$SHARED jobs=$JOBS gpu=$GPU steps=$STEPS batch=$BATCH" \
-     "max_length=$MAX_LENGTH lr=$LR rank=$RANK mt_steps=$MT_STEPS"
+     "max_length=$MAX_LENGTH lr=$LR rank=$RANK mt_steps=$MT_STEPS composite_scaffold=$COMPOSITE_SCAFFOLD"
 
 # stage NAME DONE_PATH CMD...: run CMD unless DONE_PATH exists; record its wall time in $TIMES.
 stage() {
@@ -101,9 +107,12 @@ LORA_ARGS="--model $MODEL --rank $RANK --batch-size $BATCH --max-length $MAX_LEN
 
 # 3. the 21 task LoRAs and the multitask LoRA, JOBS at a time (a queue: xargs -P), longest job first
 train_loras() {
-  local jobs="$WORK/.train_jobs.txt"
+  local jobs="$WORK/.train_jobs.txt" mt_steps="$MT_STEPS"
+  if [ "$mt_steps" = fair ]; then
+    mt_steps=$(( STEPS * $(find "$WORK/train" -maxdepth 1 -name '*.json' ! -name '*.meta.json' | wc -l) ))
+  fi
   {
-    echo "$DLP train-lora $LORA_ARGS --max-steps $MT_STEPS --multitask --data-dir $WORK/train --out $RUN/multitask"
+    echo "$DLP train-lora $LORA_ARGS --max-steps $mt_steps --multitask --data-dir $WORK/train --out $RUN/multitask"
     for f in "$WORK"/train/*.json; do
       case "$f" in *.meta.json) continue ;; esac
       echo "$DLP train-lora $LORA_ARGS --max-steps $STEPS --data $f --out $RUN/adapters/$(basename "$f" .json)"
@@ -130,7 +139,7 @@ train_router() {
 evaluate() {
   env OMP_NUM_THREADS="$EVAL_THREADS" MKL_NUM_THREADS="$EVAL_THREADS" \
     $DLP eval --run "$RUN" --data-dir "$WORK/test" --systems "$SYSTEMS" --limit "$LIMIT" --composite 2,3 \
-    --composite-n "$COMPOSITE_N" --batch-size "$EVAL_BATCH" --out "$WORK/eval" --overwrite --resume --no-progress
+    --composite-n "$COMPOSITE_N" $SCAFFOLD_FLAG --batch-size "$EVAL_BATCH" --out "$WORK/eval" --overwrite --resume --no-progress
 }
 
 # 6. results/paper21/summary.json and the paper21 section of RESULTS.md (small, committed)

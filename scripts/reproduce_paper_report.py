@@ -205,8 +205,10 @@ def budget_lines(info: dict, times: dict, resumed: int = 0) -> list[str]:
     if mt.get("steps"):
         curve = mt.get("loss_curve") or []
         shown = ", ".join(f"{st}: {loss:.3f}" for st, loss in curve[:: max(1, len(curve) // 8)])
-        lines.append(f"Multitask LoRA: rank {mt['rank']}, {mt['steps']} steps (the fair budget is the task LoRAs' "
-                     f"{total_task_steps}; this CPU does not allow it), {mt['records_used']} records of all tasks. "
+        fair = (f"the fair budget: the task LoRAs' {total_task_steps} steps together" if mt["steps"] >= total_task_steps
+                else f"the fair budget is the task LoRAs' {total_task_steps}; fewer were given")
+        lines.append(f"Multitask LoRA: rank {mt['rank']}, {mt['steps']} steps ({fair}), {mt['records_used']} records "
+                     f"of all tasks. "
                      f"Loss curve (step: loss) {shown}"
                      + (f"; mean loss {flat[0]:.3f} -> {flat[1]:.3f} over the last third "
                         f"({'flattened' if flat[1] > 0.9 * flat[0] else 'still falling'})." if flat else "."))
