@@ -74,8 +74,12 @@ def task_tables(s: dict) -> list[str]:
     return lines
 
 
-def composite_tables(s: dict) -> list[str]:
+def composite_tables(s: dict, scaffold: bool = False) -> list[str]:
     lines = []
+    if scaffold:
+        lines += ["", "Protocol: the answer scaffold (`dlp-lora eval --composite-scaffold`, docs/eval.md): the labels "
+                      "`1.` .. `N.` are forced into every system's answer, each answer ends at its line break, EOS or "
+                      "its task's token budget, so the format rate is 100 by construction."]
     for n, size in (s.get("composite") or {}).items():
         systems = [x for x in COMPOSITE_SYSTEMS if x in size]
         lines += ["", f"Composite-{n} (item score / all items correct / answered on numbered lines, points):", "",
@@ -169,7 +173,7 @@ def short_answers(size: str, rows: list[dict], systems: list[str]) -> str:
     return ", ".join(share(x) for x in systems if x in mine[0]["outputs"])
 
 
-def composite_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
+def composite_targets(s: dict, rows: list[dict] | None = None, scaffold: bool = False) -> list[str]:
     lines = []
     for n, size in (s.get("composite") or {}).items():
         seg = size.get("dlp-segment", {}).get("item_score")
@@ -187,7 +191,7 @@ def composite_targets(s: dict, rows: list[dict] | None = None) -> list[str]:
         examples = composite_examples(n, rows, [x for x in rivals if x not in beaten]) if missed and rows else []
         if examples:
             lines += ["  Examples where a rival scored more (from composite.jsonl):"] + examples
-        if rows:
+        if rows and not scaffold:   # with the scaffold every answer has its N labelled lines
             lines.append(f"  Answers with fewer lines than questions (% of prompts, composite.jsonl): "
                          f"{short_answers(n, rows, list(size))}")
     return lines
@@ -220,7 +224,8 @@ def budget_lines(info: dict, times: dict, resumed: int = 0) -> list[str]:
     return lines
 
 
-def section(s: dict, info: dict, times: dict, command: str, work: Path | None = None, resumed: int = 0) -> str:
+def section(s: dict, info: dict, times: dict, command: str, work: Path | None = None, resumed: int = 0,
+            scaffold: bool = False) -> str:
     routing = s.get("routing") or {}
     lines = [BEGIN, f"## Paper reproduction: {len(s['tasks'])} real tasks ({s.get('model')})", "",
              f"Re-created by [`scripts/reproduce_paper.sh`](scripts/reproduce_paper.sh) (`{command}`); small summary: "
@@ -229,12 +234,12 @@ def section(s: dict, info: dict, times: dict, command: str, work: Path | None = 
     lines += budget_lines(info, times, resumed)
     preds = _read_jsonl(work / "eval" / "predictions.jsonl") if work else []
     comps = _read_jsonl(work / "eval" / "composite.jsonl") if work else []
-    lines += ["", "### Targets", ""] + task_targets(s, preds) + composite_targets(s, comps)
+    lines += ["", "### Targets", ""] + task_targets(s, preds) + composite_targets(s, comps, scaffold)
     lines += ["", "### Scores per task", ""] + task_tables(s)
     if routing:
         lines += ["", f"Routing (dlp, per prompt): accuracy {_cell(routing.get('accuracy'))}, mean adapters selected "
                       f"{_cell(routing.get('mean_selected'))}."]
-    lines += ["", "### Composite prompts"] + composite_tables(s) + ["", END]
+    lines += ["", "### Composite prompts"] + composite_tables(s, scaffold) + ["", END]
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +273,9 @@ def main(argv=None) -> int:
         info = training_info(work, times)
         atomic_write_json(Path(a.out) / "summary.json", s)
         atomic_write_json(Path(a.out) / "training.json", info)
-        write_section(Path(a.results_md), section(s, info, times, a.command, work, int(summary.get("resumed_batches") or 0)))
+        scaffold = any(size.get("scaffold") for size in (summary.get("composite") or {}).values())
+        write_section(Path(a.results_md), section(s, info, times, a.command, work,
+                                                  int(summary.get("resumed_batches") or 0), scaffold))
     except DLPError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -398,13 +398,32 @@ def test_cli_train_one_task(cli, tiny_model_path, tmp_path):
     out = tmp_path / "run" / "adapters" / "colours"
     res = cli("train-lora", "--model", tiny_model_path, "--data", data, "--out", out, "--max-steps", "3",
               "--batch-size", "4", "--rank", "4", "--alpha", "8", "--target-modules", "q_proj,k_proj,v_proj",
-              "--rslora", "--no-progress")
+              "--rslora", "--no-group-by-length", "--no-progress")
     assert res.code == 0, res
     assert "colours: 3 steps, loss" in res.out
     cfg = lora.check_adapter_dir(out)
     assert cfg["r"] == 4 and cfg["use_rslora"] is True and sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
     tc = json.loads((out / "train_config.json").read_text())
-    assert tc["rank"] == 4 and tc["alpha"] == 8.0 and tc["use_rslora"] is True
+    assert tc["rank"] == 4 and tc["alpha"] == 8.0 and tc["use_rslora"] is True and tc["group_by_length"] is False
+
+
+def test_batches_of_similar_length_by_default(tmp_path):
+    """group_by_length (the default) hands Trainer HF's LengthGroupedSampler: each batch of a mega-batch holds
+    records of similar length, so less padding; --no-group-by-length keeps plain random batches."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    assert lora._training_arguments(LoRATrainConfig(), tmp_path, False).train_sampling_strategy == "group_by_length"
+    plain = lora._training_arguments(LoRATrainConfig(group_by_length=False), tmp_path, False)
+    assert plain.train_sampling_strategy == "random"
+    feats = [{"input_ids": [1] * (5 + k % 4 if k % 2 else 280 + k)} for k in range(64)]   # short and long
+    torch.manual_seed(0)
+    order = list(LengthGroupedSampler(4, dataset=feats))
+    batches = [[len(feats[i]["input_ids"]) for i in order[k:k + 4]] for k in range(0, 64, 4)]
+    mixed = [b for b in batches if min(b) < 10 < max(b)]
+    # mega-batches of 16 are sorted by length: at most one batch per mega-batch mixes short and long records
+    assert sorted(order) == list(range(64)) and len(mixed) <= 4
+    with pytest.raises(DLPError, match="group_by_length must be true or false"):
+        LoRATrainConfig(group_by_length="yes")
 
 
 def test_cli_data_dir(cli, tiny_model_path, tmp_path):

@@ -30,7 +30,8 @@ def test_report_from_a_tiny_reproduction(tiny_run, tmp_path):
     write_builtin_tasks(test, n=4, seed=11, tasks=["arithmetic", "capitals", "word_sorting"])
     systems = "base,single,dlp,dlp-sentence,dlp-segment,top1,multitask,uniform,oracle-segment"
     evaluate(work / "run", data_dir=test, out_dir=work / "eval", systems=systems, limit=3, max_new_tokens=4,
-             auto_budget=False, composite=[2, 3], composite_n=3, batch_size=3, device="cpu", progress=False)
+             auto_budget=False, composite=[2, 3], composite_n=3, composite_scaffold=True, batch_size=3, device="cpu",
+             progress=False)
     (work / "stage_times.json").write_text(json.dumps({"train_loras": 100.0, "router": 5.0, "eval": 60.0}))
     md = tmp_path / "RESULTS.md"
     md.write_text("# results\n\nkept text\n")
@@ -53,6 +54,7 @@ def test_report_from_a_tiny_reproduction(tiny_run, tmp_path):
     assert targets.count("**met**") + targets.count("**not met**") >= 6        # 4 task targets + 2 composite
     if "not above base" in targets:                                           # evidence for each missed task
         assert "Why, from predictions.jsonl:" in targets and "most frequent answer: single" in targets
+    assert "Protocol: the answer scaffold" in text and "Answers with fewer lines" not in text
     # rewriting replaces the section, never duplicates it
     assert _report_module().main(["--work", str(work), "--out", str(tmp_path / "out"), "--results-md", str(md)]) == 0
     assert md.read_text().count("<!-- paper21 -->") == 1
