@@ -507,7 +507,12 @@ def test_answer_scaffold_forces_each_label_and_switches_the_segment_mixture_at_i
     gen_w = [w1 if j < label2 else w2 for j in range(len(out))]
     prompt_w = _prompt_token_weights(tok, prompt, [("1. Name", w1), ("2. What", w2)])
     want = _naive_step_logits(pipe, prompt, out, prompt_w, gen_w)
-    assert len(seen[0]) == len(out) and all(torch.allclose(g, e, atol=1e-4) for g, e in zip(seen[0], want))
+    keep = torch.ones(want[0].shape[0], dtype=torch.bool)
+    keep[sorted(pipe.eos_ids)] = False
+    assert len(seen[0]) == len(out) and all(torch.allclose(g[keep], e[keep], atol=1e-4) for g, e in zip(seen[0], want))
+    # EOS is banned exactly where an answer has no text yet: right after each label (not while forcing one)
+    empty = {len(l1), len(l1) + len(red) + len(l2)}
+    assert [j for j, g in enumerate(seen[0]) if bool(torch.isinf(g[~keep]).all())] == sorted(empty)
 
 
 def test_answer_scaffold_caps_each_answer_and_keeps_rows_independent(make_pipe, monkeypatch):

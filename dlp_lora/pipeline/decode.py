@@ -362,8 +362,9 @@ class DecodeBatch:
             self._advance_prefill()
         if not self.rows:
             return []
-        chosen = choose_tokens(self._logits, self.rows)
-        if any(row.scaffold is not None for row in self.rows):
+        scaffolds = any(row.scaffold is not None for row in self.rows)
+        chosen = choose_tokens(self._no_empty_answers() if scaffolds else self._logits, self.rows)
+        if scaffolds:
             chosen = self._scaffolded(chosen)
         to_route = []
         for b, (row, t) in enumerate(zip(self.rows, chosen.tolist())):   # the one host sync of a step
@@ -377,6 +378,16 @@ class DecodeBatch:
         if self.rows:
             self._forward(chosen)
         return done
+
+    def _no_empty_answers(self) -> torch.Tensor:
+        """The next-token logits with EOS banned for rows whose current scaffold answer has no text yet."""
+        ban = [b for b, row in enumerate(self.rows) if row.scaffold is not None and row.scaffold.bans_eos(row.text)]
+        if not ban:
+            return self._logits
+        logits = self._logits.clone()
+        eos = torch.tensor(sorted(self.pipe.eos_ids), device=logits.device)
+        logits[torch.tensor(ban, device=logits.device).unsqueeze(1), eos] = float("-inf")
+        return logits
 
     def _scaffolded(self, chosen: torch.Tensor) -> torch.Tensor:
         """Forced answer labels replace the model's choice (and EOS while a scaffold has labels left)."""

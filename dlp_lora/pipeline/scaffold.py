@@ -4,7 +4,8 @@ composite prompts answered by models that answer one question and stop.
 Label 1 is forced before anything is generated. Answer ``i`` ends at its first line break after some text, at
 EOS, or after its own token cap; then label ``i+1`` is forced (on a new line when the answer did not end with
 one). After the last answer the row ends. EOS is never fed to the model while labels remain: the next label's
-first token takes its place. Forced tokens go through the row's text like generated ones, so the ``segment``
+first token takes its place. An answer is never empty: EOS is banned until it has some text (vLLM's
+``min_tokens``, per answer), since adapters trained answer-first often end right after a label they never saw. Forced tokens go through the row's text like generated ones, so the ``segment``
 granularity switches to item ``i``'s mixture exactly at label ``i``.
 
 Why: task LoRAs trained on one bare answer followed by EOS answer the first question of a composite prompt and
@@ -30,6 +31,10 @@ class AnswerScaffold:
         self.forcing = False                    # the token taken in this step is a forced one
         self.generated = 0                      # tokens the model generated in this answer
         self.answer_from = 0                    # where this answer's text starts in the row's text
+
+    def bans_eos(self, text: str) -> bool:
+        """Whether EOS is banned at this step: the current answer has no text yet."""
+        return not self.forced and not text[self.answer_from:].strip()
 
     def choose(self, token: int, eos_ids) -> int:
         """The token the row takes: the next forced one; else the model's, unless it is EOS while labels remain."""
