@@ -4,7 +4,7 @@
 # router -> `dlp-lora eval` of every system on every task and on composite-2/-3 prompts -> results/paper21/summary.json
 # and the paper21 section of RESULTS.md.
 #
-#   scripts/reproduce_paper.sh                        # SmolLM2-135M-Instruct on this CPU (about 150 min, 2 cores)
+#   scripts/reproduce_paper.sh                        # SmolLM2-135M-Instruct on this CPU (114 min measured, 2 cores)
 #   MODEL=/path/to/Qwen2-1.5B scripts/reproduce_paper.sh --model /path/to/Qwen2-1.5B   # same experiment, other model
 #
 # Resumable: every stage is skipped when its output exists and LoRA training continues from its last checkpoint,
