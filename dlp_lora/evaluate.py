@@ -53,7 +53,6 @@ ROUTED = ("dlp", "dlp-sentence", "dlp-segment", "top1")     # need the run's rou
 ORACLE = ("single", "oracle-segment")                          # use the true task's adapter
 COMPOSITE_ONLY = ("dlp-segment", "oracle-segment")            # their mixtures follow numbered questions
 PER_TASK_ONLY = ("single",)                                    # one true task per prompt
-SCAFFOLD_LABEL_TOKENS = 4   # budget added per answer for its forced label ("\n12." is 3 tokens in common tokenizers)
 MIXTURE_REPORTED = ("dlp", "dlp-sentence")                     # the first of these present gives the routing report
 # eval's dlp routes once per prompt (the original code's protocol); dlp-sentence/-segment change only this
 EVAL_SELECTION = SelectionConfig(granularity="prompt")
@@ -456,6 +455,13 @@ def _scaffold(rows: Sequence, cfg: EvalConfig) -> dict:
             "answer_tokens": [[it.budget for it in r.items] for r in rows]}
 
 
+def _label_tokens(tokenizer, n: int) -> int:
+    """Tokens the scaffold forces for ``n`` answers ("1.", then "\n2." ..): the room a prompt's budget needs for
+    them beside its answers' own budgets."""
+    return sum(len(tokenizer.encode(("\n" if i > 1 else "") + f"{i}.", add_special_tokens=False))
+               for i in range(1, n + 1))
+
+
 FIXED_MIXTURE = ("base", "single", "top1", "multitask", "uniform")   # one forced mixture for the whole answer
 
 
@@ -717,7 +723,7 @@ def _evaluate_composites(cfg: EvalConfig, pipes: _Pipes, tests: _TestSet, budget
     pools = _composite_pools(tests, budgets) if cfg.composite else {}
     for n in cfg.composite:
         prompts = build_composites(pools, n, cfg.composite_n, cfg.seed)
-        labels = SCAFFOLD_LABEL_TOKENS * n if cfg.composite_scaffold else 0
+        labels = _label_tokens(pipes.main.tokenizer, n) if cfg.composite_scaffold else 0
         bud = [sum(budgets[t] for t in p.tasks) + labels for p in prompts]
         outputs, timing, rowinfo = _run_interleaved(systems, pipes, prompts, bud, cfg, progress,
                                                     what=f"composite-{n}", journal=journal)

@@ -532,6 +532,9 @@ def test_answer_scaffold_caps_each_answer_and_keeps_rows_independent(make_pipe, 
         pipe.generate(["q"], weights={"alpha": 1.0}, answer_labels=[["1.", ""]])
     with pytest.raises(DLPError, match="answer_labels: expected one list per prompt"):
         pipe.generate(["q"], weights={"alpha": 1.0}, answer_labels=["1.", "2."])
+    for bad in (dict(answer_labels=5), dict(answer_labels=["1."], answer_tokens=3)):   # a request built directly
+        with pytest.raises(DLPError, match="answer_(labels|tokens): expected"):
+            DecodeRequest("q", **bad).check()
 
 
 def test_forced_segment_weights_and_prompts_without_items(make_pipe):

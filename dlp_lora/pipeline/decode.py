@@ -98,9 +98,10 @@ class DecodeRequest:
         if not isinstance(self.ignore_eos, bool):
             raise DLPError(f"ignore_eos: expected true or false, got {self.ignore_eos!r}")
         labels, caps = self.answer_labels, self.answer_tokens
-        if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) and x for x in labels):
             raise DLPError("answer_labels: expected a list of non-empty strings")
-        if caps and (len(caps) != len(labels) or not all(type(c) is int and c > 0 for c in caps)):
+        if not isinstance(caps, (list, tuple)) or caps and (
+                len(caps) != len(labels) or not all(type(c) is int and c > 0 for c in caps)):
             raise DLPError(f"answer_tokens: expected one positive integer per answer label ({len(labels)})")
 
 
@@ -364,10 +365,11 @@ class DecodeBatch:
             return []
         scaffolds = any(row.scaffold is not None for row in self.rows)
         chosen = choose_tokens(self._no_empty_answers() if scaffolds else self._logits, self.rows)
+        toks = chosen.tolist()                  # the one host sync of a step
         if scaffolds:
-            chosen = self._scaffolded(chosen)
+            chosen = self._scaffolded(chosen, toks)
         to_route = []
-        for b, (row, t) in enumerate(zip(self.rows, chosen.tolist())):   # the one host sync of a step
+        for b, (row, t) in enumerate(zip(self.rows, toks)):
             sentence = self._advance(b, row, t)
             if sentence and row.finish is None:
                 to_route.append((b, sentence))
@@ -389,9 +391,9 @@ class DecodeBatch:
         logits[torch.tensor(ban, device=logits.device).unsqueeze(1), eos] = float("-inf")
         return logits
 
-    def _scaffolded(self, chosen: torch.Tensor) -> torch.Tensor:
-        """Forced answer labels replace the model's choice (and EOS while a scaffold has labels left)."""
-        toks = chosen.tolist()
+    def _scaffolded(self, chosen: torch.Tensor, toks: list[int]) -> torch.Tensor:
+        """Forced answer labels replace the model's choice (and EOS while a scaffold has labels left), in ``toks``
+        and in the tensor fed to the model."""
         for b, row in enumerate(self.rows):
             if row.scaffold is not None:
                 toks[b] = row.scaffold.choose(toks[b], self.pipe.eos_ids)

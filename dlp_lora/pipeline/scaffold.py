@@ -5,8 +5,9 @@ Label 1 is forced before anything is generated. Answer ``i`` ends at its first l
 EOS, or after its own token cap; then label ``i+1`` is forced (on a new line when the answer did not end with
 one). After the last answer the row ends. EOS is never fed to the model while labels remain: the next label's
 first token takes its place. An answer is never empty: EOS is banned until it has some text (vLLM's
-``min_tokens``, per answer), since adapters trained answer-first often end right after a label they never saw. Forced tokens go through the row's text like generated ones, so the ``segment``
-granularity switches to item ``i``'s mixture exactly at label ``i``.
+``min_tokens``, per answer), since an adapter trained answer-first may end right after a label it never saw.
+Forced tokens go through the row's text like generated ones, so the ``segment`` granularity switches to item
+``i``'s mixture exactly at label ``i``.
 
 Why: task LoRAs trained on one bare answer followed by EOS answer the first question of a composite prompt and
 stop (the free protocol then measures the answer format, not routing). The scaffold asks every system the same
